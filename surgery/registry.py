@@ -1,0 +1,233 @@
+"""The one registry of model families: architecture, input size, normalisation, classes, recipes.
+
+A *family* is an architecture trained on one dataset (``resnet18-cifar10``); a *variant* is one
+member of the family's zoo (``fp32``, ``int8``, ``sparse90``). Every model built here takes images
+in [0, 1]: normalisation is the model's first operation, so attribution maps, activation
+maximisation and the app all work in plain pixel space.
+
+Example:
+    >>> from surgery.registry import get_family, build_model
+    >>> family = get_family("resnet18-shapes")
+    >>> model = build_model(family)
+    >>> model(torch.rand(1, 3, family.input_size, family.input_size)).shape
+    torch.Size([1, 10])
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torchvision
+from torch import nn
+
+from surgery.data.shapes import SHAPE_CLASSES
+
+logger = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training schedule: warm-up, then step decay at ``milestones`` (epochs) or cosine decay."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    optimizer: str = "sgd"  # or "adamw"
+    steps_per_epoch: int | None = None  # truncate epochs (short fine-tuning, smoke runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> "Recipe":
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class CompressionRecipe:
+    """How the compressed variants are derived from FP32: calibration and fine-tuning."""
+
+    int8: Recipe
+    sparse: Recipe
+    calibration_samples: int = 512
+    sparsity: float = 0.9
+    sparsity_ramp: float = 0.5  # masks grow from 0 to ``sparsity`` over this fraction of fine-tuning
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything that defines a family; the single source the trainer, loader and app read."""
+
+    name: str
+    arch: str
+    dataset: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...]
+    fp32: Recipe
+    compression: CompressionRecipe
+    cifar_stem: bool = False
+    last_stage_stride: int = 2  # 1 keeps layer4 at layer3's resolution (finer GradCAM maps)
+    pretrained: str | None = None  # torchvision weights enum name, used where it can be downloaded
+    gradcam_layer: str = "layer4"
+    train_samples: int | None = None  # generated datasets only
+    eval_samples: int | None = None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def architecture(self) -> dict:
+        """What ``build_model`` needs, as stored in every checkpoint's config."""
+        return {"arch": self.arch, "num_classes": self.num_classes, "input_size": self.input_size,
+                "mean": list(self.mean), "std": list(self.std), "cifar_stem": self.cifar_stem,
+                "last_stage_stride": self.last_stage_stride}
+
+
+def _imagenet_classes() -> tuple[str, ...]:
+    # The class list ships inside torchvision's weight metadata: no download needed.
+    return tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    f.name: f
+    for f in (
+        ModelFamily(
+            name="resnet18-cifar10",
+            arch="resnet18",
+            dataset="cifar10",
+            input_size=32,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            class_names=CIFAR10_CLASSES,
+            cifar_stem=True,
+            fp32=Recipe(epochs=50, lr=0.05, batch_size=512, milestones=(25, 40)),
+            compression=CompressionRecipe(
+                int8=Recipe(epochs=5, lr=0.001, batch_size=512, milestones=(3,)),
+                sparse=Recipe(epochs=15, lr=0.005, batch_size=512, milestones=(10,)),
+            ),
+            description="The seed's network: torchvision ResNet18, 3x3 stride-1 conv1, no max-pool.",
+        ),
+        ModelFamily(
+            name="resnet50-imagenet",
+            arch="resnet50",
+            dataset="imagenet",
+            input_size=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            class_names=_imagenet_classes(),
+            pretrained="IMAGENET1K_V2",
+            # 0 epochs: torchvision's weights are the FP32 model; --epochs 90 trains from scratch.
+            fp32=Recipe(epochs=0, lr=0.1, batch_size=256, weight_decay=1e-4, milestones=(30, 60, 80)),
+            compression=CompressionRecipe(
+                int8=Recipe(epochs=1, lr=1e-4, batch_size=128, weight_decay=1e-4),
+                sparse=Recipe(epochs=10, lr=0.01, batch_size=256, weight_decay=1e-4, milestones=(7,)),
+                calibration_samples=1024,
+            ),
+            description="torchvision ResNet50 at 224x224; FP32 starts from torchvision's ImageNet weights.",
+        ),
+        ModelFamily(
+            name="resnet18-shapes",
+            arch="resnet18",
+            dataset="shapes",
+            input_size=64,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            class_names=SHAPE_CLASSES,
+            last_stage_stride=1,
+            # Sized for the CPU: the whole zoo in under 5 minutes on 2 cores (README).
+            fp32=Recipe(epochs=2, lr=2e-3, batch_size=64, optimizer="adamw", weight_decay=5e-4,
+                        warmup_epochs=0.3),
+            compression=CompressionRecipe(
+                int8=Recipe(epochs=1, lr=2e-3, batch_size=64, steps_per_epoch=16),
+                sparse=Recipe(epochs=2, lr=0.01, batch_size=64, steps_per_epoch=24),
+                calibration_samples=512,
+            ),
+            train_samples=6144,
+            eval_samples=1000,
+            description="Offline family: ResNet18 (layer4 at stride 1: 4x4 maps at 64x64) on generated shapes with masks.",
+        ),
+    )
+}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family called ``name``; raises ``KeyError`` listing the known ones."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
+
+
+class NormalizedResNet(torchvision.models.ResNet):
+    """torchvision's ResNet with input normalisation as its first step (images in [0, 1]).
+
+    It stays a ``torchvision.models.ResNet``: ``model.layer4`` and torchvision state dicts work
+    as usual; the normalisation constants are non-persistent buffers set by the registry.
+    """
+
+    def __init__(self, mean, std, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.input_mean) / self.input_std)
+
+
+_BLOCKS = {
+    "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+}
+
+
+def build_from_architecture(arch: dict) -> NormalizedResNet:
+    """Build an untrained model from an architecture dict (``ModelFamily.architecture()``)."""
+    if arch.get("arch") not in _BLOCKS:
+        raise ValueError(f"unsupported architecture {arch.get('arch')!r}; supported: {sorted(_BLOCKS)}")
+    block, layers = _BLOCKS[arch["arch"]]
+    model = NormalizedResNet(arch["mean"], arch["std"], block=block, layers=layers,
+                             num_classes=int(arch["num_classes"]))
+    if arch.get("cifar_stem"):
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    stride = int(arch.get("last_stage_stride", 2))
+    if stride not in (1, 2):
+        raise ValueError(f"last_stage_stride must be 1 or 2, got {stride}")
+    if stride == 1:
+        # torchvision's BasicBlock refuses dilation, so the stride is simply dropped: layer4
+        # keeps layer3's resolution, as in output-stride-16 ResNets.
+        first = model.layer4[0]
+        (first.conv2 if arch["arch"] == "resnet50" else first.conv1).stride = (1, 1)
+        first.downsample[0].stride = (1, 1)
+    return model
+
+
+def build_model(family: ModelFamily | str, pretrained: bool = False) -> NormalizedResNet:
+    """Build a family's network; ``pretrained`` loads torchvision's weights (needs a download once)."""
+    family = get_family(family) if isinstance(family, str) else family
+    model = build_from_architecture(family.architecture())
+    if pretrained:
+        if family.pretrained is None:
+            raise ValueError(f"{family.name} has no pretrained torchvision weights")
+        weights = torchvision.models.get_weight(f"{_weights_enum(family.arch)}.{family.pretrained}")
+        logger.info("loading torchvision weights %s", weights)
+        model.load_state_dict(weights.get_state_dict(progress=True))
+    return model
+
+
+def _weights_enum(arch: str) -> str:
+    return {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}[arch]

@@ -1,0 +1,219 @@
+"""The model zoo: targets of the real shapes zoo, every dataset's code path, DDP, resume, the dataset."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torchvision
+from PIL import Image
+
+from surgery import build_model, load_variant, read_config
+from surgery.checkpoint import WEIGHTS_FILE
+from surgery.data import ShapesDataset, ShapesSpec
+from surgery.registry import get_family
+from training import distributed
+from training.cli import main as training_main
+from training.loop import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the real resnet18-shapes zoo -------------------------------------------------------------
+
+def test_zoo_meets_accuracy_targets(shapes_zoo):
+    top1 = {v: read_config(shapes_zoo / v)["metrics"]["top1"] for v in ("fp32", "int8", "sparse90")}
+    assert top1["fp32"] >= 0.95
+    assert top1["int8"] >= top1["fp32"] - 0.01
+    assert top1["sparse90"] >= top1["fp32"] - 0.03
+    assert read_config(shapes_zoo / "fp32-seed1")["metrics"]["top1"] >= 0.95
+
+
+def test_zoo_sparse_file_is_90_percent_zeros(shapes_zoo):
+    tensors = safetensors.torch.load_file(shapes_zoo / "sparse90" / WEIGHTS_FILE)
+    weights = [t for k, t in tensors.items() if k.endswith("weight") and t.dim() in (2, 4)]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) >= 0.9
+
+
+def test_stored_metrics_are_reproduced_by_evaluate(shapes_zoo, tmp_path):
+    """`evaluate` on the reloaded INT8 model reproduces the accuracy and agreement saved at training."""
+    work = tmp_path / "int8"
+    work.mkdir()
+    for f in (shapes_zoo / "int8").iterdir():
+        (work / f.name).write_bytes(f.read_bytes())
+    stored = read_config(work)["metrics"]
+    assert training_main(["evaluate", str(work), "--fp32", str(shapes_zoo / "fp32")]) == 0
+    fresh = read_config(work)["metrics"]
+    assert fresh["top1"] == pytest.approx(stored["top1"], abs=1e-9)
+    assert fresh["agreement_with_fp32"] == pytest.approx(stored["agreement_with_fp32"], abs=1e-9)
+    assert 0.9 < fresh["agreement_with_fp32"] <= 1.0
+    assert set(fresh["per_class_top1"]) == set(get_family("resnet18-shapes").class_names)
+
+
+def test_trained_model_really_classifies(shapes_zoo):
+    """Fresh images (another seed than training and evaluation) are classified."""
+    model, config = load_variant(shapes_zoo / "fp32")
+    fresh = ShapesDataset(ShapesSpec("val", 200, seed=7))
+    with torch.no_grad():
+        predictions = model(fresh.images.float() / 255).argmax(1)
+    assert (predictions == fresh.labels).float().mean() >= 0.9
+
+
+# --- the dataset --------------------------------------------------------------------------------
+
+def test_shapes_is_deterministic_with_masks():
+    a, b = ShapesDataset(ShapesSpec("val", 20)), ShapesDataset(ShapesSpec("val", 20))
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    other = ShapesDataset(ShapesSpec("val", 20, seed=1))
+    assert not torch.equal(a.images, other.images)
+    coverage = a.masks.flatten(1).float().mean(1)
+    assert (coverage > 0.05).all() and (coverage < 0.6).all()
+    assert len(set(a.labels.tolist())) == 10
+
+
+def test_shapes_defeats_a_linear_classifier_on_pixels():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = ShapesDataset(ShapesSpec("train", 2000)), ShapesDataset(ShapesSpec("test", 500))
+    scaler = StandardScaler().fit(train.images.flatten(1).numpy())
+    clf = LogisticRegression(max_iter=200, C=0.01).fit(scaler.transform(train.images.flatten(1).numpy()),
+                                                      train.labels.numpy())
+    assert clf.score(scaler.transform(test.images.flatten(1).numpy()), test.labels.numpy()) < 0.6
+
+
+# --- CIFAR-10 and ImageNet code paths on generated stand-in data ---------------------------------
+
+def _write_cifar10(root: Path, per_batch: int = 20) -> None:
+    """A CIFAR-10 tree in the official python format (pickled dicts), with generated pixels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": [int(i % 10) for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {"label_names": list(get_family("resnet18-cifar10").class_names)}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+
+
+def test_cifar10_path_end_to_end(tmp_path, monkeypatch):
+    _write_cifar10(tmp_path / "data")
+    # The only thing generated data cannot pass is the MD5 of the official archive.
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    common = ["--data-root", str(tmp_path / "data"), "--max-steps", "1", "--batch-size", "8"]
+    assert training_main(["fp32", "--family", "resnet18-cifar10", "--out", str(tmp_path / "fp32"),
+                          "--epochs", "1", *common]) == 0
+    assert training_main(["int8", "--fp32", str(tmp_path / "fp32"), "--out", str(tmp_path / "int8"),
+                          "--calibration-samples", "16", *common]) == 0
+    assert training_main(["sparse", "--fp32", str(tmp_path / "fp32"), "--out", str(tmp_path / "sparse90"),
+                          "--epochs", "2", *common]) == 0
+    for variant in ("fp32", "int8", "sparse90"):
+        model, config = load_variant(tmp_path / variant)
+        assert config["family"] == "resnet18-cifar10" and config["metrics"]["eval_samples"] == 20
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert read_config(tmp_path / "sparse90")["metrics"]["sparsity"] >= 0.9
+
+
+def test_cifar10_missing_is_a_clear_error(tmp_path, caplog):
+    assert training_main(["fp32", "--family", "resnet18-cifar10", "--out", str(tmp_path / "o"),
+                          "--data-root", str(tmp_path)]) == 2
+    assert "CIFAR-10 not found" in caplog.text and "--download" in caplog.text
+
+
+@pytest.fixture
+def imagenet_folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(1000):
+            d = tmp_path / "imagenet" / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "a.JPEG")
+    return tmp_path / "imagenet"
+
+
+def test_imagenet_path_with_torchvision_weights(imagenet_folder, tmp_path, monkeypatch):
+    """FP32 starts from torchvision's weights file (placed in the cache a download would fill)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(weights.url).name
+    cached.parent.mkdir(parents=True)
+    reference = torchvision.models.resnet50()
+    torch.save(reference.state_dict(), cached)
+    out = tmp_path / "zoo"
+    common = ["--data-root", str(imagenet_folder), "--batch-size", "2", "--max-steps", "1", "--workers", "0",
+              "--train-samples", "4", "--eval-samples", "4"]
+    assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(out / "fp32"), *common]) == 0
+    assert read_config(out / "fp32")["compression"]["init"] == "torchvision IMAGENET1K_V2"
+    model, _ = load_variant(out / "fp32")
+    assert torch.equal(model.fc.weight, reference.fc.weight)  # 0 epochs: the torchvision weights as they are
+    assert training_main(["int8", "--fp32", str(out / "fp32"), "--out", str(out / "int8"),
+                          "--calibration-samples", "2", *common]) == 0
+    int8, config = load_variant(out / "int8")
+    assert config["metrics"]["eval_samples"] == 4 and config["compression"]["quantizers"] > 50
+
+
+def test_imagenet_without_weights_needs_epochs(imagenet_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
+    assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(tmp_path / "o"),
+                          "--data-root", str(imagenet_folder)]) == 2
+    assert "pass --epochs" in caplog.text
+
+
+# --- distributed and resume ------------------------------------------------------------------------
+
+def test_ddp_two_cpu_processes_train_and_save_once(tmp_path):
+    out = tmp_path / "fp32"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "training", "fp32", "--family", "resnet18-shapes", "--out", str(out),
+           "--train-samples", "128", "--eval-samples", "32", "--epochs", "1", "--max-steps", "3",
+           "--batch-size", "16"]
+    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    assert "rank 0 of 2" in log and "rank 1 of 2" in log
+    assert log.count(f"saved resnet18-shapes/fp32 to {out}") == 1
+    config = read_config(out)
+    assert config["recipe"]["world_size"] == 2
+    model, _ = load_variant(out)
+    untrained = build_model("resnet18-shapes")
+    assert not torch.equal(model.conv1.weight, untrained.conv1.weight)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """An interrupted run, restarted, ends with the same weights as an uninterrupted one."""
+    family = get_family("resnet18-shapes")
+    data = ShapesDataset(ShapesSpec("train", 64))
+    recipe = family.fp32.with_overrides(epochs=2, steps_per_epoch=2, batch_size=16)
+    ctx = distributed.Context()
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model(family)
+
+    straight = fit(fresh(), data, recipe, ctx, seed=0, state_dir=tmp_path / "a", desc="t")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_in_second_epoch(step, steps_per_epoch):
+        if step == steps_per_epoch:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(fresh(), data, recipe, ctx, seed=0, state_dir=tmp_path / "b", desc="t", on_step=stop_in_second_epoch)
+    torch.manual_seed(999)  # the restart must not depend on the process's RNG state
+    resumed = fit(fresh(), data, recipe, ctx, seed=0, state_dir=tmp_path / "b", desc="t")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)

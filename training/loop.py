@@ -1,0 +1,134 @@
+"""One training loop for every stage (FP32, quantization-aware, sparse fine-tuning) and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from surgery.registry import Recipe
+from training import distributed, resume
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then step decay at the milestones, or cosine decay when there are none."""
+    epoch = step / steps_per_epoch
+    if epoch < recipe.warmup_epochs:
+        return recipe.lr * (step + 1) / (recipe.warmup_epochs * steps_per_epoch)
+    if recipe.milestones:
+        return recipe.lr * recipe.gamma ** sum(epoch >= m for m in recipe.milestones)
+    span = max(recipe.epochs - recipe.warmup_epochs, 1e-9)
+    progress = min((epoch - recipe.warmup_epochs) / span, 1.0)
+    return recipe.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def train_loader(dataset: Dataset, recipe: Recipe, ctx: distributed.Context, seed: int,
+                 workers: int) -> DataLoader:
+    per_rank = max(recipe.batch_size // ctx.world_size, 1)
+    if ctx.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, seed=seed)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+                      persistent_workers=workers > 0)
+
+
+def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Context, *,
+        seed: int, state_dir: Path | None, desc: str, workers: int = 0, on_step: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train ``model`` in place for ``recipe.epochs`` epochs and return it (unwrapped).
+
+    ``on_step(step, steps_per_epoch)`` runs before every optimiser step (the sparsity ramp uses
+    it). ``state_dir`` holds the resume state: a rerun continues after the last finished epoch.
+    ``recipe.steps_per_epoch`` truncates every epoch.
+    """
+    # channels_last: ~20% faster convolutions on CPU (bench/), same numbers.
+    model.to(ctx.device, memory_format=torch.channels_last).train()
+    loader = train_loader(dataset, recipe, ctx, seed, workers)
+    steps_per_epoch = min(len(loader), recipe.steps_per_epoch or len(loader))
+    if steps_per_epoch == 0:
+        raise ValueError(f"{desc}: {len(dataset)} images are fewer than one batch of {recipe.batch_size}")
+    optimizer = make_optimizer(model, recipe)
+    key = {"stage": desc, "recipe": recipe.to_dict(), "seed": seed, "world_size": ctx.world_size}
+    start = resume.load(state_dir, model, optimizer, key) if state_dir else 0
+    trained = distributed.wrap(model, ctx)
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(start, recipe.epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.sampler.generator.manual_seed(seed + epoch)
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{recipe.epochs}",
+                   disable=not ctx.is_main, leave=False)
+        for i, (images, labels) in enumerate(bar):
+            if i >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + i
+            if on_step is not None:
+                on_step(step, steps_per_epoch)
+            lr = learning_rate(recipe, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(ctx.device).contiguous(memory_format=torch.channels_last)
+            loss = loss_fn(trained(images), labels.to(ctx.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2g}")
+        logger.info("%s epoch %d/%d: last loss %.4f", desc, epoch + 1, recipe.epochs, loss.item())
+        if state_dir and ctx.is_main:
+            resume.save(state_dir, model, optimizer, epoch + 1, key)
+        ctx.barrier()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 256,
+            workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for every image of ``dataset`` and the labels, in dataset order."""
+    model.eval().to(device)
+    logits, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    for images, y in tqdm(loader, desc="evaluate", leave=False):
+        logits.append(model(images.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str] | tuple[str, ...],
+                     reference_predictions: torch.Tensor | None = None) -> dict:
+    """Top-1 (and top-5), per-class accuracy and, given FP32's predictions, agreement with them."""
+    predictions = logits.argmax(1)
+    correct = predictions == labels
+    per_class = {name: float(correct[labels == c].float().mean()) for c, name in enumerate(class_names)
+                 if bool((labels == c).any())}
+    metrics = {"top1": float(correct.float().mean()), "per_class_top1": per_class,
+               "eval_samples": len(labels)}
+    if logits.shape[1] > 5:
+        top5 = logits.topk(5, dim=1).indices
+        metrics["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
+    if reference_predictions is not None:
+        metrics["agreement_with_fp32"] = float((predictions == reference_predictions).float().mean())
+    return metrics

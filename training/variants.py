@@ -1,0 +1,149 @@
+"""The three ways a variant is made: train FP32, derive INT8 (PTQ + QAT), derive sparse (gradual magnitude).
+
+Each function trains, evaluates on the held-out set and saves in the checkpoint format
+(rank 0 only), returning the model and its config.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from surgery import compression
+from surgery.checkpoint import VariantInfo, save_variant
+from surgery.registry import ModelFamily, Recipe, build_model
+from training import distributed
+from training.loop import accuracy_metrics, fit, predict, seed_everything
+
+logger = logging.getLogger(__name__)
+
+RAMP_UPDATES = 16  # mask recomputations over the sparsity ramp (each is a global top-k over all weights)
+
+
+@dataclass
+class Job:
+    """What every stage shares: family, data, where it runs and how long."""
+
+    family: ModelFamily
+    train_set: Dataset
+    eval_set: Dataset
+    ctx: distributed.Context
+    seed: int = 0
+    workers: int = 0
+
+
+def _state_dir(out: Path) -> Path:
+    return out / ".resume"
+
+
+def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, recipe: Recipe,
+            comp: dict, reference: torch.Tensor | None, started: float) -> tuple[dict, torch.Tensor]:
+    """Evaluate, save (rank 0) and return the metrics and the held-out predictions."""
+    logits, labels = predict(model, job.eval_set, job.ctx.device, workers=job.workers)
+    metrics = accuracy_metrics(logits, labels, job.family.class_names, reference)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    if kind == "sparse":
+        metrics["sparsity"] = compression.weight_sparsity(model)["overall"]
+    if job.ctx.is_main:
+        info = VariantInfo(family=job.family.name, variant=variant, kind=kind,
+                           architecture=job.family.architecture(), class_names=list(job.family.class_names),
+                           compression=comp,
+                           recipe={**recipe.to_dict(), "seed": job.seed, "world_size": job.ctx.world_size,
+                                   "train_samples": len(job.train_set)},
+                           metrics=metrics)
+        save_variant(model, out, info)
+        shutil.rmtree(_state_dir(out), ignore_errors=True)
+    job.ctx.barrier()
+    logger.info("%s/%s: top-1 %.4f%s", job.family.name, variant, metrics["top1"],
+                f", agreement {metrics['agreement_with_fp32']:.4f}" if reference is not None else "")
+    return metrics, logits.argmax(1)
+
+
+def initial_fp32(family: ModelFamily) -> tuple[nn.Module, str]:
+    """The family's starting point: torchvision's weights where they can be had, else random."""
+    if family.pretrained is None:
+        return build_model(family), "random"
+    try:
+        return build_model(family, pretrained=True), f"torchvision {family.pretrained}"
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        logger.warning("torchvision weights %s unavailable (%s): starting from random weights",
+                       family.pretrained, exc)
+        return build_model(family), "random (torchvision weights unavailable)"
+
+
+def train_fp32(job: Job, recipe: Recipe, out: Path, variant: str = "fp32") -> tuple[nn.Module, dict, torch.Tensor]:
+    started = time.perf_counter()
+    seed_everything(job.seed)
+    model, init = initial_fp32(job.family)
+    if recipe.epochs == 0 and init.startswith("random"):
+        raise ValueError(f"{job.family.name}: 0 epochs from random weights would save an untrained model; "
+                         "pass --epochs")
+    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                desc=variant, workers=job.workers)
+    metrics, predictions = _finish(model, job, out, variant, "fp32", recipe, {"method": None, "init": init},
+                                   None, started)
+    return model, metrics, predictions
+
+
+def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    return (images for images, _ in loader)
+
+
+def derive_int8(job: Job, fp32: nn.Module, recipe: Recipe, calibration_samples: int, out: Path,
+                reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
+    """Post-training quantization with NNCF, then quantization-aware fine-tuning."""
+    started = time.perf_counter()
+    seed_everything(job.seed)
+    quantized = compression.quantize(copy.deepcopy(fp32).to(job.ctx.device),
+                                     _image_batches(job.train_set, job.seed), calibration_samples)
+    quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                    desc="int8-qat", workers=job.workers)
+    comp = {"method": "nncf.quantize + quantization-aware training", "bits": 8,
+            "calibration_samples": calibration_samples, "quantizers": len(compression.quantizers(quantized)),
+            "qat_epochs": recipe.epochs}
+    metrics, _ = _finish(quantized, job, out, "int8", "int8", recipe, comp, reference, started)
+    return quantized, metrics
+
+
+def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, sparsity: float, ramp: float,
+                  out: Path, reference: torch.Tensor | None, variant: str) -> tuple[nn.Module, dict]:
+    """Global magnitude pruning ramped from 0 to ``sparsity`` over the first ``ramp`` fraction of
+    fine-tuning (the rest trains around the final masks); masks then baked into the weights."""
+    if not 0 < ramp < 1:
+        raise ValueError(f"the sparsity ramp must be a fraction of fine-tuning in (0, 1), got {ramp}")
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    started = time.perf_counter()
+    seed_everything(job.seed)
+    model = copy.deepcopy(fp32).to(job.ctx.device)
+    example = next(iter(_image_batches(job.train_set, job.seed, batch_size=2))).to(job.ctx.device)
+    scheduler = compression.start_magnitude_sparsity(model, example, sparsity, RAMP_UPDATES)
+    current = [-1]
+
+    def grow_masks(step: int, steps_per_epoch: int) -> None:
+        ramp_steps = max(round(ramp * recipe.epochs * steps_per_epoch), 1)
+        k = min(step * RAMP_UPDATES // ramp_steps + 1, RAMP_UPDATES)
+        if k != current[0]:
+            scheduler.step(k)
+            current[0] = k
+
+    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                desc=variant, workers=job.workers, on_step=grow_masks)
+    compression.bake_sparsity(model)
+    comp = {"method": "nncf.prune (unstructured magnitude, global) + fine-tuning",
+            "mode": str(compression.SPARSITY_MODE), "target_sparsity": sparsity,
+            "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning",
+            "finetune_epochs": recipe.epochs}
+    metrics, _ = _finish(model, job, out, variant, "sparse", recipe, comp, reference, started)
+    return model, metrics
