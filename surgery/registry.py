@@ -149,11 +149,11 @@ FAMILIES: dict[str, ModelFamily] = {
             class_names=SHAPE_CLASSES,
             last_stage_stride=1,
             # Sized for the CPU: the whole zoo in under 5 minutes on 2 cores (README).
-            fp32=Recipe(epochs=2, lr=2e-3, batch_size=64, optimizer="adamw", weight_decay=5e-4,
+            fp32=Recipe(epochs=3, lr=2e-3, batch_size=64, optimizer="adamw", weight_decay=5e-4,
                         warmup_epochs=0.3),
             compression=CompressionRecipe(
                 int8=Recipe(epochs=1, lr=2e-3, batch_size=64, steps_per_epoch=16),
-                sparse=Recipe(epochs=2, lr=0.01, batch_size=64, steps_per_epoch=24),
+                sparse=Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=48),
                 calibration_samples=512,
             ),
             train_samples=6144,

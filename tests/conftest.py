@@ -28,12 +28,27 @@ def _zoo(tmp_path_factory: pytest.TempPathFactory, env: str, name: str, extra: l
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> Path:
-    """fp32/int8/sparse90 of resnet18-shapes after a few steps: real formats, untrained accuracy."""
+    """fp32/int8/sparse90 and the fp32-seed1 control of resnet18-shapes after a few steps:
+    real formats, untrained accuracy."""
     return _zoo(tmp_path_factory, "SURGERY_TEST_TINY_ZOO", "tiny_zoo",
-                ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2"])
+                ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2", "--seed-control"])
 
 
 @pytest.fixture(scope="session")
 def shapes_zoo(tmp_path_factory) -> Path:
-    """The real resnet18-shapes zoo with its default recipe (a few minutes), plus the seed control."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_ZOO", "shapes_zoo", ["--seed-control"])
+    """The real resnet18-shapes zoo (fp32, int8, sparse90) with its default recipe: a few minutes.
+    Its seed control is left out to keep the suite short; ``tiny_zoo`` has one."""
+    return _zoo(tmp_path_factory, "SURGERY_TEST_ZOO", "shapes_zoo", [])
+
+
+@pytest.fixture(scope="session")
+def space_app(tiny_zoo, tmp_path_factory):
+    """The Space on ``tiny_zoo``, served in-process (Gradio's own server, a free local port)."""
+    from space.app import create_app
+
+    cache = tmp_path_factory.mktemp("space-cache")
+    demo, launch = create_app(["--zoo", str(tiny_zoo), "--source", "local", "--families", "resnet18-shapes",
+                               "--cache-dir", str(cache), "--concurrency", "4"])
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+    yield demo
+    demo.close()

@@ -57,15 +57,17 @@ def train_loader(dataset: Dataset, recipe: Recipe, ctx: distributed.Context, see
 
 
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Context, *,
-        seed: int, state_dir: Path | None, desc: str, workers: int = 0, on_step: Callable[[int, int], None] | None = None) -> nn.Module:
+        seed: int, state_dir: Path | None, desc: str, workers: int = 0, channels_last: bool = True,
+        on_step: Callable[[int, int], None] | None = None) -> nn.Module:
     """Train ``model`` in place for ``recipe.epochs`` epochs and return it (unwrapped).
 
     ``on_step(step, steps_per_epoch)`` runs before every optimiser step (the sparsity ramp uses
     it). ``state_dir`` holds the resume state: a rerun continues after the last finished epoch.
-    ``recipe.steps_per_epoch`` truncates every epoch.
+    ``recipe.steps_per_epoch`` truncates every epoch. ``channels_last`` trains in that memory
+    format (~20% faster convolutions on CPU); the model is returned in the standard format.
     """
-    # channels_last: ~20% faster convolutions on CPU (bench/), same numbers.
-    model.to(ctx.device, memory_format=torch.channels_last).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(ctx.device, memory_format=memory_format).train()
     loader = train_loader(dataset, recipe, ctx, seed, workers)
     steps_per_epoch = min(len(loader), recipe.steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
@@ -91,7 +93,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
             lr = learning_rate(recipe, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(ctx.device).contiguous(memory_format=torch.channels_last)
+            images = images.to(ctx.device).contiguous(memory_format=memory_format)
             loss = loss_fn(trained(images), labels.to(ctx.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,7 +103,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
         if state_dir and ctx.is_main:
             resume.save(state_dir, model, optimizer, epoch + 1, key)
         ctx.barrier()
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()
 
 
 @torch.no_grad()

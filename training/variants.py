@@ -138,8 +138,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, sparsity: float, ra
             scheduler.step(k)
             current[0] = k
 
+    # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=variant, workers=job.workers, on_step=grow_masks)
+                desc=variant, workers=job.workers, channels_last=False, on_step=grow_masks)
     compression.bake_sparsity(model)
     comp = {"method": "nncf.prune (unstructured magnitude, global) + fine-tuning",
             "mode": str(compression.SPARSITY_MODE), "target_sparsity": sparsity,
