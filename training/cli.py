@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from surgery.checkpoint import CheckpointError, read_config, write_config
-from surgery.data import build_datasets
+from surgery.data import build_dataset
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, Recipe, get_family
 from training import distributed
@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 for shapes, else 4)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 for shapes, else up to 4)")
     p.add_argument("--train-samples", type=int, help="cap (or, for shapes, set) the training set size")
     p.add_argument("--eval-samples", type=int, help="cap (or, for shapes, set) the held-out set size")
     p.add_argument("--max-steps", type=int, help="truncate every epoch of every stage to this many steps")
@@ -77,12 +77,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _job(family: ModelFamily, args, ctx: distributed.Context) -> Job:
+def _job(family: ModelFamily, args, ctx: distributed.Context, train: bool = True) -> Job:
+    """Datasets and settings of a run; ``train=False`` skips the training set (``evaluate``)."""
     with distributed.main_first(ctx):  # rank 0 downloads, the others then read
-        train_set, eval_set = build_datasets(family, args.data_root, download=args.download,
-                                             train_samples=args.train_samples, eval_samples=args.eval_samples,
-                                             seed=0)
-    workers = args.workers if args.workers is not None else (0 if family.dataset == "shapes" else 4)
+        eval_set = build_dataset(family, "eval", args.data_root, download=args.download, samples=args.eval_samples)
+        train_set = (build_dataset(family, "train", args.data_root, download=args.download,
+                                   samples=args.train_samples) if train else None)
+    # Shapes live in memory: worker processes would only copy them. Files need decoding workers.
+    workers = args.workers if args.workers is not None else (0 if family.dataset == "shapes"
+                                                             else min(4, os.cpu_count() or 1))
     return Job(family, train_set, eval_set, ctx, seed=args.seed, workers=workers)
 
 
@@ -128,7 +131,7 @@ def run(args, ctx: distributed.Context) -> dict:
 def evaluate(args, ctx: distributed.Context) -> dict:
     config = read_config(args.checkpoint)
     family = get_family(config["family"])
-    job = _job(family, args, ctx)
+    job = _job(family, args, ctx, train=False)
     model, _ = load_variant(args.checkpoint, device=ctx.device)
     reference = _fp32_reference(job, args.fp32)[1] if args.fp32 else None
     logits, labels = predict(model, job.eval_set, ctx.device, workers=job.workers)

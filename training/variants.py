@@ -34,7 +34,7 @@ class Job:
     """What every stage shares: family, data, where it runs and how long."""
 
     family: ModelFamily
-    train_set: Dataset
+    train_set: Dataset | None  # None when only evaluating
     eval_set: Dataset
     ctx: distributed.Context
     seed: int = 0

@@ -24,63 +24,72 @@ if TYPE_CHECKING:  # the registry imports the shapes class names from this packa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPE_CLASSES", "ShapesDataset", "ShapesSpec", "build_datasets"]
+__all__ = ["SHAPE_CLASSES", "ShapesDataset", "ShapesSpec", "build_dataset", "build_datasets"]
+
+
+def build_dataset(family: ModelFamily, split: str, root: str | Path | None = None, *, download: bool = False,
+                  samples: int | None = None, seed: int = 0) -> Dataset:
+    """The family's ``"train"`` split (with augmentation) or held-out ``"eval"`` split.
+
+    ``samples`` caps the size (a deterministic prefix of a fixed permutation for real datasets;
+    the generated size for shapes, which come from ``seed``).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    train = split == "train"
+    if family.dataset == "shapes":
+        default = family.train_samples if train else family.eval_samples
+        spec = ShapesSpec("train" if train else "test", samples or default, family.input_size, seed)
+        return ShapesDataset(spec, progress=True)
+    if root is None:
+        raise ValueError(f"{family.name} needs --data-root pointing at the {family.dataset} data")
+    if family.dataset == "cifar10":
+        dataset = _cifar10(Path(root), family.input_size, train, download)
+    elif family.dataset == "imagenet":
+        dataset = _imagenet(Path(root), family, train)
+    else:
+        raise ValueError(f"unknown dataset {family.dataset!r}")
+    return _cap(dataset, samples)
 
 
 def build_datasets(family: ModelFamily, root: str | Path | None = None, *, download: bool = False,
                    train_samples: int | None = None, eval_samples: int | None = None,
                    seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The family's training set (with augmentation) and held-out evaluation set.
-
-    ``train_samples``/``eval_samples`` cap the sizes (a deterministic prefix of a fixed
-    permutation for real datasets; the generated size for shapes).
-    """
-    if family.dataset == "shapes":
-        size = family.input_size
-        train = ShapesDataset(ShapesSpec("train", train_samples or family.train_samples, size, seed), progress=True)
-        held_out = ShapesDataset(ShapesSpec("test", eval_samples or family.eval_samples, size, seed), progress=True)
-        return train, held_out
-    if root is None:
-        raise ValueError(f"{family.name} needs --data-root pointing at the {family.dataset} data")
-    if family.dataset == "cifar10":
-        train, held_out = _cifar10(Path(root), family.input_size, download)
-    elif family.dataset == "imagenet":
-        train, held_out = _imagenet(Path(root), family)
-    else:
-        raise ValueError(f"unknown dataset {family.dataset!r}")
-    return _cap(train, train_samples), _cap(held_out, eval_samples)
+    """``(train, eval)``: both splits of :func:`build_dataset`."""
+    return (build_dataset(family, "train", root, download=download, samples=train_samples, seed=seed),
+            build_dataset(family, "eval", root, download=download, samples=eval_samples, seed=seed))
 
 
-def _cifar10(root: Path, size: int, download: bool) -> tuple[Dataset, Dataset]:
-    train_tf = transforms.Compose([transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor()])
+def _cifar10(root: Path, size: int, train: bool, download: bool) -> Dataset:
+    transform = transforms.ToTensor()
+    if train:
+        transform = transforms.Compose([transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(),
+                                        transform])
     try:
-        train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=download)
-        held_out = datasets.CIFAR10(str(root), train=False, transform=transforms.ToTensor(), download=download)
+        return datasets.CIFAR10(str(root), train=train, transform=transform, download=download)
     except RuntimeError as exc:
         raise FileNotFoundError(f"CIFAR-10 not found under {root} ({exc}); pass --download where "
                                 "there is internet, or copy cifar-10-batches-py there") from None
-    return train, held_out
 
 
-def _imagenet(root: Path, family: ModelFamily) -> tuple[Dataset, Dataset]:
+def _imagenet(root: Path, family: ModelFamily, train: bool) -> Dataset:
     size = family.input_size
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                                   transforms.ToTensor()])
-    eval_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
-                                  transforms.ToTensor()])
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise FileNotFoundError(f"ImageNet folder {root / split} not found: expected "
-                                    f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG")
-    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    held_out = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+    if train:
+        transform = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                        transforms.ToTensor()])
+    else:
+        transform = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                        transforms.ToTensor()])
+    folder = root / ("train" if train else "val")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ImageNet folder {folder} not found: expected "
+                                f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG")
+    dataset = datasets.ImageFolder(str(folder), transform=transform)
     # Label i must mean class_names[i]: the wnid folders, sorted, are torchvision's class order.
-    for ds in (train, held_out):
-        if len(ds.classes) != family.num_classes:
-            raise ValueError(f"{ds.root}: found {len(ds.classes)} class folders, {family.name} needs "
-                             f"{family.num_classes} (one per ImageNet synset)")
-    return train, held_out
+    if len(dataset.classes) != family.num_classes:
+        raise ValueError(f"{folder}: found {len(dataset.classes)} class folders, {family.name} needs "
+                         f"{family.num_classes} (one per ImageNet synset)")
+    return dataset
 
 
 def _cap(dataset: Dataset, limit: int | None) -> Dataset:
