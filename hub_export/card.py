@@ -1,0 +1,160 @@
+"""The model card (README.md) of a variant's Hub repo, from its ``config.json``.
+
+Built with ``huggingface_hub``'s ``ModelCardData`` and ``EvalResult``, so that the Hub indexes the
+metadata: license, library, tags, dataset, ``base_model`` (a compressed variant points at its FP32
+repo) and the metrics as ``model-index`` results (top-1, agreement with FP32, sparsity). The body
+says how the variant was made, how to load it and what it is not. The text depends on nothing but
+its arguments, so a dry run writes the very bytes that a push uploads.
+
+Example:
+    >>> from surgery import read_config
+    >>> card = model_card(read_config("zoo/int8"), "my-org/resnet18-shapes-int8",
+    ...                   base_model="my-org/resnet18-shapes-fp32")
+    >>> card.data.base_model
+    'my-org/resnet18-shapes-fp32'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from surgery.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from surgery.registry import get_family
+
+LICENSE = "apache-2.0"
+LIBRARY_NAME = "pytorch"
+# The family's dataset key -> (Hub dataset id or None, name, split the metrics were measured on).
+DATASETS = {
+    "cifar10": ("uoft-cs/cifar10", "CIFAR-10", "test"),
+    "imagenet": ("ILSVRC/imagenet-1k", "ImageNet-1k", "validation"),
+    "shapes": (None, "Generated shapes (surgery.data.shapes)", "test"),
+}
+_KIND_TAGS = {"fp32": [], "int8": ["int8", "quantization"], "sparse": ["sparsity", "pruning"]}
+_RELATION = {"int8": "quantized", "sparse": "finetune"}  # the Hub's base_model_relation values
+_METRICS = (  # config["metrics"] key, model-index type, name
+    ("top1", "accuracy", "Top-1 accuracy"),
+    ("top5", "top_5_accuracy", "Top-5 accuracy"),
+    ("agreement_with_fp32", "agreement", "Agreement with FP32 (identical top-1 predictions)"),
+    ("sparsity", "sparsity", "Weight sparsity (exact zeros in conv and linear weights)"),
+)
+
+
+def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = None) -> ModelCard:
+    """The card of the variant described by ``config`` when pushed to ``repo_id``.
+
+    ``base_model`` is the repo the variant was derived from (the family's FP32 repo for a
+    compressed variant), or None.
+    """
+    family = get_family(config["family"])
+    dataset_id, dataset_name, split = DATASETS[family.dataset]
+    kind = config["kind"]
+    data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        license=LICENSE,
+        library_name=LIBRARY_NAME,
+        pipeline_tag="image-classification",
+        tags=["pytorch", "nncf", "image-classification", "safetensors", family.name, *_KIND_TAGS[kind]],
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=base_model,
+        base_model_relation=_RELATION.get(kind) if base_model else None,
+        eval_results=[
+            EvalResult(task_type="image-classification", task_name="Image classification",
+                       dataset_type=dataset_id or family.dataset, dataset_name=dataset_name,
+                       dataset_split=split, metric_type=metric_type, metric_name=name,
+                       metric_value=round(float(config["metrics"][key]), 4))
+            for key, metric_type, name in _METRICS if key in config.get("metrics", {})
+        ],
+    )
+    body = "\n".join([
+        _summary(config, repo_id, base_model, family.description, dataset_name),
+        _results(config),
+        _how_to_load(config, repo_id),
+        _how_it_was_made(config, dataset_name, split),
+        _limitations(kind),
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _summary(config: dict, repo_id: str, base_model: str | None, description: str, dataset: str) -> str:
+    derived = f" Derived from [{base_model}](/{base_model})." if base_model else ""
+    return (f"# {repo_id.split('/')[-1]}\n\n"
+            f"Variant `{config['variant']}` of the `{config['family']}` family, trained on {dataset}: "
+            f"{_what(config)}.{derived}\n\n{description}\n\n"
+            "Part of *compressed CNN surgery*: FP32, INT8 and sparse versions of the same CNN, to see what "
+            "compression changes inside (attribution maps, features, representations).\n")
+
+
+def _what(config: dict) -> str:
+    if config["kind"] == "fp32":
+        return f"the full-precision (FP32) model, seed {config.get('recipe', {}).get('seed')}"
+    if config["kind"] == "int8":
+        return "INT8, quantized with NNCF (calibration, then quantization-aware fine-tuning)"
+    target = config.get("compression", {}).get("target_sparsity")
+    ratio = f" to {target:.0%} sparsity" if target is not None else ""
+    return f"unstructured magnitude pruning with NNCF{ratio}, masks baked into the weights"
+
+
+def _results(config: dict) -> str:
+    metrics = config.get("metrics", {})
+    rows = [f"| {name} | {float(metrics[key]):.2%} |" for key, _, name in _METRICS if key in metrics]
+    if "eval_samples" in metrics:
+        rows.append(f"| Held-out images | {metrics['eval_samples']} |")
+    return "## Results\n\n| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def _how_to_load(config: dict, repo_id: str) -> str:
+    size = config["architecture"]["input_size"]
+    return (
+        "## How to load\n\n"
+        "With this project's `surgery` package installed:\n\n"
+        "```python\n"
+        "import torch\n"
+        "import surgery\n\n"
+        f'model, config = surgery.load_variant("{repo_id}")  # eval mode; add revision="..." to pin\n'
+        f"images = torch.rand(2, 3, {size}, {size})  # RGB in [0, 1]; the model normalises inside\n"
+        "predictions = model(images).argmax(dim=1)\n"
+        'print([config["class_names"][i] for i in predictions])\n'
+        "```\n\n"
+        f"Only `{CONFIG_FILE}` and `{WEIGHTS_FILE}` are downloaded (into the usual Hugging Face cache; "
+        "`HF_HUB_OFFLINE=1` then loads from it). No pickle is read and no code from the repo runs: the "
+        "architecture is rebuilt from the config, the weights are checked against the SHA-256 it records, "
+        "and an INT8 model's NNCF quantizers are restored from JSON in the safetensors metadata.\n")
+
+
+def _how_it_was_made(config: dict, dataset: str, split: str) -> str:
+    arch = config["architecture"]
+    lines = [
+        "## How it was made\n",
+        f"- Architecture: torchvision `{arch['arch']}`, {arch['num_classes']} classes, "
+        f"{arch['input_size']}x{arch['input_size']} input; normalisation (mean {arch['mean']}, "
+        f"std {arch['std']}) is part of the model.",
+        f"- Data: {dataset}; metrics on its {split} split.",
+        f"- NNCF {config.get('nncf_version')}, PyTorch {config.get('torch_version')}.",
+    ]
+    compression = {k: v for k, v in config.get("compression", {}).items() if v is not None}
+    if compression:
+        lines.append("- Compression (calibration and fine-tuning): "
+                     + "; ".join(f"{k} = {v}" for k, v in compression.items()) + ".")
+    recipe = config.get("recipe", {})
+    if recipe:
+        lines.append("\nTraining recipe (for a compressed variant: its fine-tuning):\n")
+        lines.append("| Setting | Value |\n|---|---|")
+        lines.extend(f"| {k} | {v} |" for k, v in recipe.items())
+    return "\n".join(lines) + "\n"
+
+
+def _limitations(kind: str) -> str:
+    lines = ["## Limitations\n"]
+    if kind == "int8":
+        lines.append("- INT8 here is NNCF's *simulated* quantization in PyTorch: fake-quantize operations "
+                     "round weights and activations to 8-bit levels but compute in float32. It is not a "
+                     "deployed integer kernel: it runs no faster and uses no less memory than FP32, and an "
+                     "integer runtime (e.g. OpenVINO after conversion) may differ slightly.")
+    if kind == "sparse":
+        lines.append("- The zeros are stored in dense tensors: the file is no smaller and inference no "
+                     "faster unless a sparse runtime or compression is used.")
+    lines.append("- A research artefact for studying compression, trained with a short recipe; "
+                 "not meant for deployment.")
+    return "\n".join(lines) + "\n"

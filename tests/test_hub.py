@@ -1,0 +1,262 @@
+"""Hub export, push and pull, against Hub servers on 127.0.0.1 that the tests start.
+
+Pushes go to :class:`HubStandIn` (the Hub's write API, storing commits as git repositories), pulls
+come from ``olah`` serving those repositories over the real download protocol, behind a proxy that
+counts requests. Whatever talks to a Hub runs in a subprocess, because ``huggingface_hub`` reads
+``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` once, when it is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hub_servers import HubStandIn, Olah, closed_endpoint, git, silent_endpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_stand_in_write_token"
+ORG = "test-org"
+PRIVATE = f"{ORG}/private"  # pushed with --private to branch "dev" only
+FORMAT_FILES = {"config.json", "model.safetensors"}
+UPLOADED = {*FORMAT_FILES, "README.md"}
+FAILURE_LIMIT_S = 5.0
+
+
+def client(ops: list[dict], *, endpoint: str, home: Path, token: str | None = None,
+           offline: bool = False) -> list[dict]:
+    """``hub_servers.client(ops)`` in a fresh process whose Hub environment is its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    if token:
+        env["HF_TOKEN"] = token
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hub_servers.py")), json.dumps(ops)],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def pull_ops(pushed: dict[str, Path]) -> list[dict]:
+    return [{"op": "pull", "repo": repo, "local": str(local)} for repo, local in pushed.items()]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    with HubStandIn(root / "mirrors", TOKEN) as stand_in, Olah(root / "mirrors", root) as olah:
+        yield SimpleNamespace(stand_in=stand_in, olah=olah)
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tiny_zoo, tmp_path_factory) -> dict[str, Path]:
+    """``push-zoo`` of the tiny zoo; its FP32 again to the same repo, and to a branch of a private repo.
+
+    Returns repo id -> local checkpoint, for the zoo's repos.
+    """
+    fp32 = str(tiny_zoo / "fp32")
+    pushes = client([{"op": "cli", "args": ["push-zoo", str(tiny_zoo), "--org", ORG]},
+                     {"op": "cli", "args": ["push", fp32, "--repo-id", f"{ORG}/resnet18-shapes-fp32"]},
+                     {"op": "cli", "args": ["push", fp32, "--repo-id", PRIVATE, "--private", "--revision", "dev"]}],
+                    endpoint=hub.stand_in.url, home=tmp_path_factory.mktemp("push_home"), token=TOKEN)
+    assert [p["exit"] for p in pushes] == [0, 0, 0], pushes
+    repos = {}
+    for variant in sorted(tiny_zoo.iterdir()):
+        if (variant / "config.json").is_file():
+            config = json.loads((variant / "config.json").read_text())
+            repos[f"{ORG}/{config['family']}-{config['variant']}"] = variant
+    return repos
+
+
+@pytest.fixture(scope="module")
+def first_pull(hub, pushed, tiny_zoo, tmp_path_factory):
+    """Every pushed repo pulled by id into an empty cache (and the branch), plus the model cards."""
+    home = tmp_path_factory.mktemp("pull_home")
+    branch = {"op": "pull", "repo": PRIVATE, "revision": "dev", "local": str(tiny_zoo / "fp32")}
+    results = client(pull_ops(pushed) + [branch] + [{"op": "card", "repo": repo} for repo in pushed],
+                     endpoint=hub.olah.url, home=home)
+    n = len(pushed)
+    return SimpleNamespace(home=home, pulls=results[:n], branch=results[n],
+                           cards=dict(zip(pushed, results[n + 1:])))
+
+
+def test_push_zoo_creates_one_repo_per_variant(hub, pushed):
+    for variant in ("fp32", "int8", "sparse90"):
+        assert f"{ORG}/resnet18-shapes-{variant}" in pushed
+    for repo in pushed:
+        assert hub.stand_in.repos.exists(repo) and repo not in hub.stand_in.private
+
+
+def test_pushing_the_same_variant_again_changes_nothing(hub, pushed):
+    repo = hub.stand_in.repos.path(f"{ORG}/resnet18-shapes-fp32")
+    assert git(repo, "rev-list", "--count", "main") == "2"  # the repo's first commit, and one upload
+
+
+def test_push_uploads_exactly_the_dry_run_folder(hub, pushed, tiny_zoo, tmp_path):
+    from hub_export.cli import main
+
+    assert main(["push-zoo", str(tiny_zoo), "--org", ORG, "--dry-run", str(tmp_path)]) == 0
+    for repo, local in pushed.items():
+        staged = tmp_path / repo.split("/")[1]
+        assert {p.name for p in staged.iterdir()} == UPLOADED
+        committed = hub.stand_in.repos.files(repo)
+        assert set(committed) == UPLOADED | {".gitattributes"}  # the Hub starts every repo with one
+        for name in UPLOADED:
+            assert committed[name] == (staged / name).read_bytes(), f"{repo}/{name} differs from the dry run"
+        for name in FORMAT_FILES:
+            assert committed[name] == (local / name).read_bytes()
+
+
+def test_push_to_a_branch_of_a_private_repo_pulls_back_at_that_revision(hub, first_pull):
+    assert PRIVATE in hub.stand_in.private
+    assert hub.stand_in.repos.names(PRIVATE, "main") == [".gitattributes"]
+    assert first_pull.branch["max_abs_diff"] <= 1e-6 and first_pull.branch["same_config"]
+
+
+def test_pull_by_repo_id_matches_local_checkpoint(first_pull, pushed):
+    for repo, result in zip(pushed, first_pull.pulls):
+        assert result["max_abs_diff"] <= 1e-6, repo
+        assert result["same_config"], repo
+        snapshots = list((first_pull.home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())
+        assert len(snapshots) == 1 and {p.name for p in snapshots[0].iterdir()} == FORMAT_FILES, \
+            "only the files of the format are downloaded"
+
+
+def test_second_pull_makes_no_file_requests(hub, pushed, first_pull):
+    before = len(hub.olah.proxy.requests)
+    results = client(pull_ops(pushed), endpoint=hub.olah.url, home=first_pull.home)
+    during = hub.olah.proxy.requests[before:]
+    assert all(r["max_abs_diff"] <= 1e-6 for r in results)
+    assert any("/revision/" in path for _, path in during), "the second pull still checks the revision online"
+    assert [r for r in during if "/resolve/" in r[1]] == []
+
+
+def test_offline_pull_uses_the_cache_and_nothing_else(hub, pushed, first_pull):
+    before = len(hub.olah.proxy.requests)
+    results = client(pull_ops(pushed) + [{"op": "fail", "repo": f"{ORG}/never-pulled"}],
+                     endpoint=hub.olah.url, home=first_pull.home, offline=True)
+    assert all(r["max_abs_diff"] <= 1e-6 for r in results[:-1])
+    assert hub.olah.proxy.requests[before:] == []
+    failure = results[-1]
+    assert failure["error"] == "HubError" and f"{ORG}/never-pulled" in failure["message"]
+    assert "HF_HUB_OFFLINE" in failure["message"] and failure["seconds"] < FAILURE_LIMIT_S
+
+
+def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
+    from huggingface_hub import ModelCardData
+
+    fp32_repo = f"{ORG}/resnet18-shapes-fp32"
+    for repo, local in pushed.items():
+        config = json.loads((local / "config.json").read_text())
+        card = first_pull.cards[repo]
+        data = ModelCardData(**card["data"])
+        assert data.license == "apache-2.0" and data.library_name
+        assert {"pytorch", "nncf", "image-classification"} <= set(data.tags)
+        values = {r.metric_type: r.metric_value for r in data.eval_results}
+        assert values["accuracy"] == pytest.approx(config["metrics"]["top1"], abs=1e-4)
+        assert f'surgery.load_variant("{repo}")' in card["text"]
+        if config["kind"] == "fp32":
+            assert data.base_model is None
+            continue
+        assert data.base_model == fp32_repo
+        assert values["agreement"] == pytest.approx(config["metrics"]["agreement_with_fp32"], abs=1e-4)
+        if config["kind"] == "int8":
+            assert "int8" in data.tags and "simulated" in card["text"]
+        else:
+            assert "sparsity" in data.tags
+            assert values["sparsity"] == pytest.approx(config["metrics"]["sparsity"], abs=1e-4)
+
+
+def test_stage_refuses_a_tampered_checkpoint(tiny_zoo, tmp_path):
+    from hub_export import stage
+    from surgery.checkpoint import CheckpointError
+
+    copy = shutil.copytree(tiny_zoo / "fp32", tmp_path / "fp32")
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-16, os.SEEK_END)
+        f.write(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        stage(copy, f"{ORG}/tampered", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def failures(hub, pushed, tiny_zoo, tmp_path_factory) -> dict[str, dict]:
+    """Each failure case, pulled in fresh processes (one per Hub) that run side by side."""
+    stand_in, fp32 = hub.stand_in, tiny_zoo / "fp32"
+    stand_in.add_repo(f"{ORG}/pickled", {"pytorch_model.bin": b"\x80\x04pickle", "config.json": b"{}"})
+    stand_in.add_repo(f"{ORG}/no-weights", {"config.json": (fp32 / "config.json").read_bytes()})
+    stand_in.add_repo(f"{ORG}/gated", {name: (fp32 / name).read_bytes() for name in FORMAT_FILES}, gated=True)
+    cases = {  # name -> (repo, revision)
+        "missing repo": (f"{ORG}/does-not-exist", None),
+        "missing revision": (f"{ORG}/resnet18-shapes-fp32", "no-such-branch"),
+        "missing file": (f"{ORG}/no-weights", None),
+        "pickle only": (f"{ORG}/pickled", None),
+        "empty default branch": (PRIVATE, None),
+        "gated": (f"{ORG}/gated", None),
+        "private": (PRIVATE, "dev"),
+        "unreachable": (f"{ORG}/resnet18-shapes-fp32", None),
+        "no answer": (f"{ORG}/resnet18-shapes-fp32", None),
+    }
+    no_token_push = {"op": "cli", "args": ["push", str(fp32), "--repo-id", f"{ORG}/no-token"]}
+    with silent_endpoint() as silent:
+        groups = {  # Hub -> the cases it serves
+            hub.olah.url: ["missing repo", "missing revision", "missing file", "pickle only",
+                           "empty default branch"],
+            stand_in.url: ["gated", "private"],  # olah has no access control
+            closed_endpoint(): ["unreachable"],
+            silent: ["no answer"],
+        }
+        ops = {url: [{"op": "fail", "repo": cases[n][0], "revision": cases[n][1]} for n in names]
+               for url, names in groups.items()}
+        ops[stand_in.url].append(no_token_push)
+        with ThreadPoolExecutor(len(groups)) as pool:
+            futures = {url: pool.submit(client, ops[url], endpoint=url, home=tmp_path_factory.mktemp("fail_home"))
+                       for url in groups}
+            results = {url: future.result() for url, future in futures.items()}
+    out = {name: result for url, names in groups.items() for name, result in zip(names, results[url])}
+    out["push without token"] = results[stand_in.url][-1]
+    return out
+
+
+@pytest.mark.parametrize(("case", "repo", "words"), [
+    ("missing repo", "does-not-exist", ["no such model repo", "HF_TOKEN"]),
+    ("missing revision", "resnet18-shapes-fp32", ["no-such-branch", "no such revision"]),
+    ("missing file", "no-weights", ["model.safetensors missing", "hub_export push"]),
+    ("pickle only", "pickled", ["pytorch_model.bin", "pickle files are never loaded"]),
+    ("empty default branch", "private", ["config.json, model.safetensors missing"]),
+    ("gated", "gated", ["gated", "hf auth login"]),
+    ("private", "private", ["private", "HF_TOKEN"]),
+    ("unreachable", "resnet18-shapes-fp32", ["cannot reach the Hub", "not in the local cache"]),
+    ("no answer", "resnet18-shapes-fp32", ["cannot reach the Hub", "not in the local cache"]),
+])
+def test_failure_is_one_clear_error_within_5_seconds(failures, case, repo, words):
+    result = failures[case]
+    assert result["error"] == "HubError", result
+    assert f"{ORG}/{repo}" in result["message"]
+    for word in words:
+        assert word in result["message"]
+    assert result["seconds"] < FAILURE_LIMIT_S
+
+
+def test_invalid_repo_id_is_refused_before_any_request():
+    from surgery import load_variant
+    from surgery.hub import HubError
+
+    with pytest.raises(HubError, match="neither a local checkpoint directory nor a valid Hub repo id"):
+        load_variant("no such/dir", revision="main")
+
+
+def test_push_without_token_says_where_the_token_comes_from(hub, failures):
+    result = failures["push without token"]
+    assert result["exit"] == 1
+    assert "HF_TOKEN" in result["log"] and "hf auth login" in result["log"]
+    assert not hub.stand_in.repos.exists(f"{ORG}/no-token")
