@@ -14,3 +14,22 @@ __all__ = [
     "FAMILIES", "CheckpointError", "ModelFamily", "Variant",
     "build_model", "get_family", "load_variant", "read_config", "save_variant",
 ]
+
+# Comparison of variants and scoring of maps (issue 4, part B).
+from surgery.scoring import DeletionInsertion, deletion_insertion, energy_in_mask, pointing_game
+from surgery.similarity import (Estimate, LayerSimilarity, MinibatchCKA, canonical_correlations, cka,
+                                layer_similarity, map_spearman, mean_ci, prediction_agreement, pwcca, svcca,
+                                topk_iou, topk_overlap)
+
+__all__ += [
+    "DeletionInsertion", "Estimate", "LayerSimilarity", "MinibatchCKA", "canonical_correlations", "cka",
+    "deletion_insertion", "energy_in_mask", "layer_similarity", "map_spearman", "mean_ci", "pointing_game",
+    "prediction_agreement", "pwcca", "svcca", "topk_iou", "topk_overlap",
+]
+
+# Attribution and activation maximisation (issue 4, part A).
+from surgery.actmax import ActMaxResult, activation_maximization
+from surgery.attribution import Explanation, explain, gradcam, normalize_maps, saliency
+
+__all__ += ["ActMaxResult", "Explanation", "activation_maximization", "explain", "gradcam", "normalize_maps",
+            "saliency"]

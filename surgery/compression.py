@@ -8,12 +8,16 @@ Everything else in the project goes through these functions, so an NNCF upgrade 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
 
 import nncf
 import nncf.torch
 import torch
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
+from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
 from nncf.torch.quantization.layers import BaseQuantizer
 from torch import nn
 
@@ -77,7 +81,9 @@ def _has_hooks(model: nn.Module) -> bool:
 
 def compression_config(model: nn.Module) -> dict | None:
     """NNCF's JSON-serialisable description of where its modules sit; None for a plain model."""
-    return nncf.torch.get_config(model) if _has_hooks(model) else None
+    config = nncf.torch.get_config(model) if _has_hooks(model) else None
+    # A baked sparse model keeps an empty hook container: it describes no compression at all.
+    return config if config and config.get("compression_state") else None
 
 
 def restore(model: nn.Module, config: dict) -> nn.Module:
@@ -99,3 +105,77 @@ def weight_sparsity(model: nn.Module) -> dict[str, float]:
             per_layer[name] = z / w.numel()
             zeros, total = zeros + z, total + w.numel()
     return {"overall": zeros / max(total, 1), **per_layer}
+
+
+# One lock for every NNCF-hooked forward in the process: NNCF 3.4's FunctionHookMode patches each
+# module's ``_call_impl`` on entry and pops it on exit, so two threads running one INT8 model at
+# once corrupt each other (seen here: logits off by 0.5, ``KeyError: '_call_impl'``). Reentrant, so
+# a forward hook that itself runs the model cannot deadlock.
+_NNCF_FORWARD_LOCK = threading.RLock()
+
+
+def forward_lock(model: nn.Module) -> ContextManager:
+    """Hold around a forward pass of ``model`` that may run concurrently with other threads.
+
+    A no-op for models whose forward runs no NNCF hooks (FP32, baked sparse: NNCF then skips its
+    hook mode); for INT8 models it serialises the forward passes (backward passes need no lock).
+    Every caller that may race must take it.
+
+    Example:
+        >>> with forward_lock(model):
+        ...     logits = model(x)
+    """
+    runs_hooks = is_wrapped(model) and not get_hook_storage(model).is_empty()
+    return _NNCF_FORWARD_LOCK if runs_hooks else nullcontext()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized tensor, bit for bit. Backward: the gradient reaches the input unclipped."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        # A clone, not the input itself: an in-place ReLU downstream may overwrite the output.
+        return quantized.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad_output, None
+
+
+@contextmanager
+def straight_through(model: nn.Module) -> Iterator[int]:
+    """Give the model's fake-quantizers a straight-through backward while the block runs.
+
+    NNCF's quantizer backward (``QuantizeSymmetric``/``QuantizeAsymmetric`` in
+    ``nncf.torch.quantization.quantize_functions``) already treats rounding as the identity but
+    multiplies the gradient by the mask of inputs *inside* the calibrated range
+    ``[input_low, input_low + input_range]``: saturated inputs get exactly zero gradient. Here the
+    gradient passes everywhere (Bengio et al. 2013, "Estimating or Propagating Gradients Through
+    Stochastic Neurons"); the forward values stay the quantized ones, bit for bit. Scale and
+    range parameters get no gradient, so this is for analysis (activation maximisation), never QAT.
+
+    Implemented as forward hooks on the quantizer modules of this ``model`` only, acting only on
+    forward passes run by the calling thread: other threads and other models keep the true
+    gradient. Yields the number of quantizers hooked (0 for FP32 and sparse models). Limits: a
+    model run by the same thread inside the block for another purpose gets the estimate too.
+
+    Example:
+        >>> with straight_through(int8_model):
+        ...     grad, = torch.autograd.grad(int8_model(x)[:, 3].sum(), x)
+    """
+    thread = threading.get_ident()
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        # Weight quantizers receive the parameter itself; an input gradient never goes through
+        # their backward (only through the quantized weights' values), so they are left alone.
+        if threading.get_ident() != thread or isinstance(inputs[0], nn.Parameter) \
+                or not isinstance(output, torch.Tensor):
+            return None
+        return _StraightThrough.apply(inputs[0], output)
+
+    handles = [q.register_forward_hook(hook) for q in quantizers(model)]
+    try:
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()

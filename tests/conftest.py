@@ -48,7 +48,7 @@ def space_app(tiny_zoo, tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("space-cache")
     demo, launch = create_app(["--zoo", str(tiny_zoo), "--source", "local", "--families", "resnet18-shapes",
-                               "--cache-dir", str(cache), "--concurrency", "4"])
+                               "--cache-dir", str(cache), "--concurrency", "4", "--feature-steps", "8"])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch)
     yield demo
     demo.close()

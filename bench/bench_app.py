@@ -1,0 +1,198 @@
+"""The Space's speed: one Explain request per family against its floor, and start-up to first answer.
+
+1. **Explain vs floor.** The floor is what one Explain request cannot do without: one forward and
+   one backward pass (to the input) of each of the three variants on the image. Measured in the
+   same process, interleaved, medians of ``--repeats``:
+
+   - ``handler``: the page's Explain handler in-process (decode, crop, three fused
+     GradCAM+saliency passes, the comparisons, the overlays);
+   - ``http``: the same request through the running app with ``gradio_client`` (upload, queue,
+     PNG encoding and download of the six maps included).
+
+   Families without a local zoo are measured on stand-in variants built here with
+   :mod:`surgery.compression` from untrained weights: an INT8 or 90%-sparse ResNet costs the same
+   to run whatever its weights (the sparse kernels are dense).
+
+2. **Start-up.** ``python app.py`` in a fresh process until the first Explain answer arrives,
+   with cold caches (empty ``--cache-dir`` and ``TORCH_EXTENSIONS_DIR``: NNCF's CPU extension is
+   compiled and the Features tab's first view is computed) and then warm (both reused).
+
+Usage:
+    python bench/bench_app.py --zoo zoo/resnet18-shapes [--families resnet18-shapes resnet50-imagenet]
+                              [--repeats 5] [--startup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import space  # noqa: E402,F401  (no analytics, no telemetry)
+import torch  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+
+from space.examples import PHOTOS, photo_path  # noqa: E402
+from space.session import Session  # noqa: E402
+from space.ui import Handlers, build_demo  # noqa: E402
+from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
+from surgery import compression  # noqa: E402
+from surgery.images import load_image  # noqa: E402
+from surgery.registry import build_model, get_family  # noqa: E402
+
+
+def stand_in_zoo(family_name: str) -> FamilyZoo:
+    """fp32, int8 and sparse90 of ``family_name`` from untrained weights, made as the trainer makes them."""
+    family = get_family(family_name)
+    torch.manual_seed(0)
+    fp32 = build_model(family).eval()
+    batches = [torch.rand(8, 3, family.input_size, family.input_size) for _ in range(2)]
+    int8 = compression.quantize(copy.deepcopy(fp32), batches, num_samples=16).eval()
+    sparse = copy.deepcopy(fp32)
+    scheduler = compression.start_magnitude_sparsity(sparse, batches[0][:2], 0.9, ramp_updates=1)
+    scheduler.step(1)
+    compression.bake_sparsity(sparse)
+    config = {"class_names": list(family.class_names), "metrics": {}}
+    variants = {name: LoadedVariant(name, model.eval(), {**config, "weights": {"sha256": f"bench-{name}" * 2}},
+                                    "stand-in (untrained)")
+                for name, model in zip(VARIANTS, (fp32, int8, sparse))}
+    return FamilyZoo(family_name, variants, "stand-in variants built by the bench")
+
+
+def floor_once(zoo: FamilyZoo, x: torch.Tensor) -> float:
+    """One forward and one backward to the input per variant: what any Explain must at least do."""
+    started = time.perf_counter()
+    for variant in zoo.variants.values():
+        if variant.name not in VARIANTS:
+            continue
+        image = x[None].clone().requires_grad_(True)
+        with compression.forward_lock(variant.model):
+            logits = variant.model(image)
+        torch.autograd.grad(logits[0, logits[0].argmax()], image)
+    return time.perf_counter() - started
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> None:
+    session = Session(families, cache_dir=Path(tempfile.mkdtemp(prefix="bench-space-")))
+    handlers = Handlers(session)
+    demo = build_demo(session, examples=[photo])
+    demo.launch(prevent_thread_lock=True, quiet=True)
+    client = Client(demo.local_url, verbose=False)
+    payload = {"path": str(photo), "orig_name": photo.name}
+    print("| family | origin | floor: fwd+bwd x3 (ms) | handler (ms) | handler / floor | http (ms) | http / floor |")
+    print("|---|---|---|---|---|---|---|")
+    try:
+        for name, zoo in families.items():
+            x = load_image(photo, get_family(name).input_size)
+            runs = {"floor": [], "handler": [], "http": []}
+            for _ in range(2):  # warm-up: first calls allocate, load NNCF's extension, fill caches
+                floor_once(zoo, x), handlers.explain(payload, name, "gradient")
+                client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
+            for _ in range(repeats):  # interleaved, so a busy moment hits every column alike
+                runs["floor"].append(floor_once(zoo, x))
+                started = time.perf_counter()
+                handlers.explain(payload, name, "gradient")
+                runs["handler"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
+                runs["http"].append(time.perf_counter() - started)
+            floor, handler, http = (median_ms(runs[k]) for k in ("floor", "handler", "http"))
+            print(f"| {name} | {zoo.origin} | {floor:.1f} | {handler:.1f} | {handler / floor:.2f} | "
+                  f"{http:.1f} | {http / floor:.2f} |", flush=True)
+    finally:
+        demo.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_answer_seconds(zoo: Path, cache: Path, extensions: Path, photo: Path) -> float:
+    """Seconds from starting ``python app.py`` to the first Explain answer."""
+    port = _free_port()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    command = [sys.executable, "app.py", "--zoo", str(zoo), "--source", "local", "--families", "resnet18-shapes",
+               "--cache-dir", str(cache), "--port", str(port)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"python app.py exited with {process.returncode}")
+            try:
+                urllib.request.urlopen(f"{url}/config", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        Client(url, verbose=False).predict(handle_file(str(photo)), "resnet18-shapes", "gradient",
+                                           api_name="/explain")
+        return time.perf_counter() - started
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def startup_table(zoo: Path, photo: Path, repeats: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    print("\n| start of `python app.py` | to first Explain answer (s), median | runs |")
+    print("|---|---|---|")
+    cold, warm = [], []
+    for i in range(repeats):
+        cache, extensions = work / f"cache{i}", work / f"ext{i}"
+        cold.append(first_answer_seconds(zoo, cache, extensions, photo))
+        warm.append(first_answer_seconds(zoo, cache, extensions, photo))
+    print(f"| cold caches (fresh cache dir and torch extensions) | {statistics.median(cold):.1f} | "
+          f"{', '.join(f'{s:.1f}' for s in cold)} |")
+    print(f"| warm caches | {statistics.median(warm):.1f} | {', '.join(f'{s:.1f}' for s in warm)} |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, help="resnet18-shapes zoo (fp32/, int8/, sparse90/); "
+                                                 "without it every family uses stand-in variants")
+    parser.add_argument("--families", nargs="*", default=["resnet18-shapes", "resnet18-cifar10", "resnet50-imagenet"],
+                        help="families of the Explain table (none: start-up only)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--startup", action="store_true", help="also time python app.py to first answer")
+    parser.add_argument("--startup-repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    photo = photo_path(PHOTOS[1])  # chelsea
+    families = {}
+    for name in args.families:
+        local = args.zoo and name == "resnet18-shapes"
+        families[name] = (resolve(SourceConfig(families=(name,), zoo=args.zoo, source="local"))[name] if local
+                          else stand_in_zoo(name))
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, load average "
+          f"{os.getloadavg()[0]:.1f} at start, image {photo.name}, gradient saliency, median of {args.repeats}\n")
+    if families:
+        explain_table(families, photo, args.repeats)
+    if args.startup:
+        if not args.zoo:
+            parser.error("--startup needs --zoo (python app.py serves a real zoo)")
+        startup_table(args.zoo, photo, args.startup_repeats)
+
+
+if __name__ == "__main__":
+    main()

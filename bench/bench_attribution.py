@@ -1,0 +1,97 @@
+"""Fused GradCAM + gradient saliency (``surgery.explain``) against separate Captum calls.
+
+The baseline is what one would write with Captum: ``LayerGradCam`` at the same layer (plus the
+same bilinear upsampling) and ``Saliency``, each with its own forward and backward. Two baselines:
+
+- *maps*: Captum is handed the target classes for free (computed outside the timing);
+- *same outputs*: what ``explain`` returns, the prediction (logits, probabilities) and both maps
+  of the predicted class; Captum needs a forward pass for the prediction before it can start.
+
+The fused pass costs one forward F and one full backward B; the *maps* baseline costs
+2F + B + (the short backward from the logits to the layer), so its ratio is bounded by
+(2F + B) / (F + B): below 1.6 wherever the backward costs more than two thirds of the forward.
+Calls alternate round-robin, so a change in machine load hits all; the table gives medians and
+ratios measured in this one run (``--clock cpu`` for CPU time, steadier on a shared machine).
+
+Usage:
+    python bench/bench_attribution.py --zoo zoo/resnet18-shapes [--batch 1 8] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from captum.attr import LayerAttribution, LayerGradCam, Saliency
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgery import explain, gradcam, load_variant, saliency  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def captum_maps(model, x, target, layer):
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+    grad = Saliency(model).attribute(x.clone().requires_grad_(), target=target)
+    return cam, grad
+
+
+def captum_same_outputs(model, x, layer):
+    with torch.no_grad():
+        probabilities = model(x).softmax(1)
+    return probabilities, captum_maps(model, x, probabilities.argmax(1), layer)
+
+
+def measure(functions: dict, repeats: int, clock, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds per call of each function, calls interleaved round-robin."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for i in range(warmup + repeats):
+        for name, fn in functions.items():
+            start = clock()
+            fn()
+            if i >= warmup:
+                times[name].append((clock() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, required=True, help="zoo directory with fp32/int8/sparse90")
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int8", "sparse90"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {args.repeats}\n")
+    print("| variant | batch | fused explain (ms) | Captum maps (ms) | speed-up | Captum same outputs (ms) | "
+          "speed-up | surgery gradcam + saliency (ms) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant in args.variants:
+        model, config = load_variant(args.zoo / variant)
+        size = config["architecture"]["input_size"]
+        for batch in args.batch:
+            x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+            with torch.no_grad():
+                target = model(x).argmax(1)
+            ms = measure({
+                "fused": lambda: explain(model, x),
+                "maps": lambda: captum_maps(model, x, target, model.layer4),
+                "same": lambda: captum_same_outputs(model, x, model.layer4),
+                "separate": lambda: (gradcam(model, x, target), saliency(model, x, target)),
+            }, args.repeats, CLOCKS[args.clock])
+            print(f"| {variant} | {batch} | {ms['fused']:.1f} | {ms['maps']:.1f} | {ms['maps'] / ms['fused']:.2f}x | "
+                  f"{ms['same']:.1f} | {ms['same'] / ms['fused']:.2f}x | {ms['separate']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""The Hugging Face Space: FP32 | INT8 | sparse side by side (``python app.py``).
+
+Importing this package switches off Gradio's analytics and the Hub client's telemetry before
+either library is imported: the Space makes no request outside its machine.
+"""
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# NNCF compiles its CPU extension on the first INT8 forward and gives up after 60 s by default;
+# on a fresh 2-core machine under load the compile takes longer (seen here), which would crash
+# start-up. A user's own setting is kept.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")

@@ -1,0 +1,74 @@
+"""Start the Space: find the models, warm the caches, serve the page.
+
+``python app.py`` with no arguments pulls the default Hub repos, falls back to a local zoo,
+and on a machine with neither trains the ``resnet18-shapes`` zoo first (see
+:mod:`space.zoo_source`). Flags override the ``SURGERY_*`` environment variables:
+
+    python app.py --zoo /data/zoo --source local --port 7860
+
+Example (in a test, without blocking):
+    >>> demo, launch = create_app(["--zoo", "zoo", "--source", "local"])
+    >>> demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from space.examples import write_examples
+from space.session import DEFAULT_STEPS, Session
+from space.ui import build_demo
+from space.zoo_source import SOURCES, SourceConfig, resolve
+from surgery.images import MAX_FILE_BYTES
+
+logger = logging.getLogger("space")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hub-org", help="Hub organisation of the repos ORG/<family>-<variant> "
+                                     "(env SURGERY_HUB_ORG)")
+    p.add_argument("--revision", help="Hub revision to pull (env SURGERY_HUB_REVISION)")
+    p.add_argument("--families", help="comma-separated families to show (env SURGERY_FAMILIES)")
+    p.add_argument("--zoo", help="local zoo directory, and where a built zoo goes (env SURGERY_ZOO; default zoo)")
+    p.add_argument("--source", choices=SOURCES, help="auto: Hub, else local zoo, else build (env SURGERY_SOURCE)")
+    p.add_argument("--cache-dir", default=os.environ.get("SURGERY_SPACE_CACHE",
+                                                         str(Path.home() / ".cache" / "surgery-space")),
+                   help="examples and precomputed results (env SURGERY_SPACE_CACHE)")
+    p.add_argument("--concurrency", type=int, default=int(os.environ.get("SURGERY_SPACE_CONCURRENCY", "2")),
+                   help="requests served at once per action (env SURGERY_SPACE_CONCURRENCY)")
+    p.add_argument("--feature-steps", type=int,
+                   default=int(os.environ.get("SURGERY_SPACE_FEATURE_STEPS", str(DEFAULT_STEPS))),
+                   help="activation-maximisation steps of the Features tab's first view, computed at start-up "
+                        "(env SURGERY_SPACE_FEATURE_STEPS)")
+    p.add_argument("--host", default=None, help="address to listen on (Gradio's default, or GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, default=None, help="port (Gradio's default, or GRADIO_SERVER_PORT)")
+    return p
+
+
+def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
+    """Resolve the models, warm the caches and build the page; returns it and its launch options."""
+    args = parser().parse_args(argv)
+    config = SourceConfig.from_env(hub_org=args.hub_org, families=args.families, zoo=args.zoo,
+                                   source=args.source, revision=args.revision)
+    cache = Path(args.cache_dir)
+    session = Session(resolve(config), cache_dir=cache)
+    first = next(iter(session.families))
+    logger.info("precomputing the Features tab's first view for %s", first)
+    session.precompute(first, args.feature_steps)
+    examples = write_examples(cache / "examples")
+    demo = build_demo(session, examples, concurrency=args.concurrency, feature_steps=args.feature_steps)
+    launch = {"server_name": args.host, "server_port": args.port, "max_file_size": MAX_FILE_BYTES,
+              "allowed_paths": [str(cache)], "footer_links": ["api"]}
+    return demo, launch
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo, launch = create_app(argv)
+    demo.launch(**launch)

@@ -1,0 +1,297 @@
+"""The models every visitor shares, the locks that keep requests apart, and the result caches.
+
+Gradio runs event handlers in worker threads. All requests share one loaded copy of each
+model; anything that touches a model (hooks for GradCAM, a backward pass, an optimisation
+loop) runs while holding that model's lock, so one request's hooks and gradients never meet
+another's, and a result under load equals the result served alone. Requests on different
+models still run side by side. Parameters are frozen once at load: attribution needs input
+gradients only, and a frozen model has no ``.grad`` for requests to leak through.
+
+Example:
+    >>> session = Session(resolve(SourceConfig(source="local")), cache_dir=Path(".cache"))
+    >>> result = session.explain("resnet18-shapes", image, method="gradient")
+    >>> result.comparisons[0].same_prediction
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from space.examples import reference_images
+from space.zoo_source import CONTROL, VARIANTS, FamilyZoo, LoadedVariant
+from surgery import attribution, compression
+from surgery.actmax import activation_maximization
+from surgery.registry import get_family
+from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, topk_iou
+
+logger = logging.getLogger(__name__)
+
+SALIENCY_METHODS = attribution.METHODS
+COMPARED = tuple(v for v in VARIANTS if v != "fp32")
+MAX_CHANNELS = 8
+MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 8, 256, 64
+DEFAULT_CHANNELS = (0, 1, 2, 3)
+TOP_K = 5
+CKA_BATCHES = 10  # the minibatch CKA interval resamples batches: about 10 make a usable one
+
+
+@dataclass(frozen=True)
+class VariantExplanation:
+    """One model's answer on one image: class probabilities and its two maps (``[H, W]``)."""
+
+    probabilities: torch.Tensor
+    gradcam: torch.Tensor
+    saliency: torch.Tensor
+
+    @property
+    def prediction(self) -> int:
+        return int(self.probabilities.argmax())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How a compressed variant's answer differs from FP32's on the same image."""
+
+    variant: str
+    same_prediction: bool
+    gradcam_spearman: float
+    gradcam_iou: float
+    saliency_spearman: float
+    saliency_iou: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    variants: dict[str, VariantExplanation]
+    comparisons: list[Comparison]
+
+
+@dataclass(frozen=True)
+class Representations:
+    """Layer x layer CKA of FP32 against each other variant, and what it says in words."""
+
+    pairs: dict[str, LayerSimilarity]  # other variant -> CKA(FP32 layers, its layers)
+    reading: str
+
+
+class Session:
+    """Loaded families, one lock per model, and caches of the slow results."""
+
+    def __init__(self, families: dict[str, FamilyZoo], cache_dir: Path) -> None:
+        self.families = families
+        self.cache_dir = Path(cache_dir)
+        self._locks = {(f, v): threading.Lock() for f, zoo in families.items() for v in zoo.variants}
+        for zoo in families.values():
+            for variant in zoo.variants.values():
+                variant.model.eval().requires_grad_(False)
+        self._memo_lock = threading.Lock()
+        self._similarity: dict[str, Representations] = {}
+        self._sparsity: dict[tuple[str, str], float] = {}
+
+    def zoo(self, family: str) -> FamilyZoo:
+        try:
+            return self.families[family]
+        except KeyError:
+            raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(self.families)}") from None
+
+    @contextmanager
+    def model(self, family: str, variant: str) -> Iterator[nn.Module]:
+        """Exclusive use of one shared model for the duration of the block."""
+        zoo = self.zoo(family)
+        if variant not in zoo.variants:
+            raise ValueError(f"{family} has no variant {variant!r}; it has {', '.join(zoo.variants)}")
+        with self._locks[family, variant]:
+            yield zoo.variants[variant].model
+
+    # -- Explain ----------------------------------------------------------------------------------
+
+    def explain(self, family: str, image: torch.Tensor, method: str = "gradient") -> Explanation:
+        """Every variant on one image ``[3, H, W]``: one pass per model (plus the extra passes a
+        non-gradient saliency ``method`` needs), then each compressed variant against FP32."""
+        if method not in SALIENCY_METHODS:
+            raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
+        layer = get_family(family).gradcam_layer
+        x = image[None]
+        answers = {}
+        for name in VARIANTS:
+            with self.model(family, name) as model:
+                out = attribution.explain(model, x, layer=layer)
+                saliency = out.saliency if method == "gradient" else attribution.saliency(model, x, method=method)
+            answers[name] = VariantExplanation(out.probabilities[0], out.gradcam[0], saliency[0])
+        reference = answers["fp32"]
+        comparisons = [_compare(name, reference, answers[name]) for name in COMPARED]
+        return Explanation(answers, comparisons)
+
+    # -- Features ---------------------------------------------------------------------------------
+
+    def layers(self, family: str) -> list[str]:
+        """The stages whose channels the Features tab offers (``layer1`` ... ``layer4``)."""
+        model = self.zoo(family).variants["fp32"].model
+        return [name for name, _ in model.named_children() if name.startswith("layer")]
+
+    def channels(self, family: str, layer: str) -> int:
+        model = self.zoo(family).variants["fp32"].model
+        return _out_channels(model.get_submodule(layer))
+
+    def check_features_request(self, family: str, layer: str, channels: list[int], steps: int) -> None:
+        if layer not in self.layers(family):
+            raise ValueError(f"unknown layer {layer!r}; choose from {', '.join(self.layers(family))}")
+        count = self.channels(family, layer)
+        if not channels:
+            raise ValueError("give at least one channel number")
+        if len(channels) > MAX_CHANNELS:
+            raise ValueError(f"at most {MAX_CHANNELS} channels at a time, got {len(channels)}")
+        bad = [c for c in channels if not 0 <= c < count]
+        if bad:
+            raise ValueError(f"{layer} has channels 0 to {count - 1}; got {', '.join(map(str, bad))}")
+        if not MIN_STEPS <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be between {MIN_STEPS} and {MAX_STEPS}, got {steps}")
+
+    def features(self, family: str, layer: str, channels: list[int], steps: int = DEFAULT_STEPS,
+                 progress: Callable[[float, str], None] | None = None) -> dict[str, list[Path]]:
+        """Activation-maximisation images per variant, one PNG file per channel.
+
+        Results are cached on disk by weights hash, layer, channel and steps: the first channels
+        a visitor sees are computed at start-up and appear at once. The files are what the page
+        serves, so a cached answer is never decoded and encoded again.
+        """
+        self.check_features_request(family, layer, channels, steps)
+        zoo = self.zoo(family)
+        result = {}
+        for i, name in enumerate(VARIANTS):
+            variant = zoo.variants[name]
+            paths = {c: self._feature_path(variant, layer, c, steps) for c in channels}
+            missing = [c for c, p in paths.items() if not p.exists()]
+            if missing:
+                def report(step: int, total: int, i=i, name=name) -> None:
+                    if progress is not None:
+                        progress((i + step / total) / len(VARIANTS), f"{name}: step {step} of {total}")
+                with self.model(family, name) as model:
+                    found = activation_maximization(model, layer, missing, steps=steps, seed=0,
+                                                    size=get_family(family).input_size, progress=report)
+                for c, image in zip(missing, found.images):
+                    _save_png(paths[c], _to_uint8(image))
+            result[name] = [paths[c] for c in channels]
+        return result
+
+    def _feature_path(self, variant: LoadedVariant, layer: str, channel: int, steps: int) -> Path:
+        digest = variant.config["weights"]["sha256"][:16]
+        return self.cache_dir / "actmax" / f"{digest}-{layer}-c{channel}-s{steps}.png"
+
+    def precompute(self, family: str, steps: int = DEFAULT_STEPS) -> None:
+        """Compute (or find on disk) what a visitor sees first in the Features tab."""
+        self.features(family, get_family(family).gradcam_layer, list(DEFAULT_CHANNELS), steps)
+
+    # -- Representations --------------------------------------------------------------------------
+
+    def representations(self, family: str) -> Representations:
+        """CKA of FP32 with INT8, sparse90 and (where present) the seed control; computed once."""
+        zoo = self.zoo(family)
+        with self._memo_lock:  # one computation per family even when visitors ask at once
+            if family not in self._similarity:
+                images = reference_images(get_family(family))
+                pairs = {other: self._cka(family, other, images)
+                         for other in (*COMPARED, CONTROL) if other in zoo.variants}
+                self._similarity[family] = Representations(pairs, _reading(pairs, len(images)))
+            return self._similarity[family]
+
+    def _cka(self, family: str, other: str, images: torch.Tensor) -> LayerSimilarity:
+        """FP32 vs ``other`` over ``images``, from the disk cache when these weights were seen before."""
+        zoo = self.zoo(family)
+        digests = [zoo.variants[v].config["weights"]["sha256"][:16] for v in ("fp32", other)]
+        path = self.cache_dir / "cka" / f"{digests[0]}-{digests[1]}-n{len(images)}.json"
+        if path.exists():
+            return _similarity_from_dict(json.loads(path.read_text()))
+        batch = max(len(images) // CKA_BATCHES, 4)
+        with self.model(family, "fp32") as fp32, self.model(family, other) as model:
+            sim = layer_similarity(fp32, model, images.split(batch), _blocks(fp32), seed=0)
+        data = sim.to_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(data))
+        partial.replace(path)
+        return _similarity_from_dict(data)  # as a later start reads it back: same numbers either way
+
+    # -- Models -----------------------------------------------------------------------------------
+
+    def sparsity(self, family: str, variant: str) -> float:
+        """Fraction of exact zeros in the variant's conv and linear weights (computed once)."""
+        key = (family, variant)
+        if key not in self._sparsity:
+            with self.model(family, variant) as model:
+                self._sparsity[key] = compression.weight_sparsity(model)["overall"]
+        return self._sparsity[key]
+
+
+def _out_channels(module: nn.Module) -> int:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    # A residual stage ends in its last block's last conv (its output width).
+    return convs[-1].out_channels if convs else 0
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """The residual blocks in order (``layer1.0`` ... ``layer4.1``): where CKA compares models."""
+    return [f"{stage}.{i}" for stage, module in model.named_children() if stage.startswith("layer")
+            for i in range(len(module))]
+
+
+def _compare(name: str, reference: VariantExplanation, other: VariantExplanation) -> Comparison:
+    def agree(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        return float(map_spearman(a[None], b[None])[0]), float(topk_iou(a[None], b[None])[0])
+
+    cam, sal = agree(reference.gradcam, other.gradcam), agree(reference.saliency, other.saliency)
+    return Comparison(name, reference.prediction == other.prediction, *cam, *sal)
+
+
+def _similarity_from_dict(data: dict) -> LayerSimilarity:
+    def matrix(rows: list) -> np.ndarray:
+        return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
+    return LayerSimilarity(**{**data, "layers_a": tuple(data["layers_a"]), "layers_b": tuple(data["layers_b"]),
+                              "values": matrix(data["values"]), "low": matrix(data["low"]),
+                              "high": matrix(data["high"])})
+
+
+def _reading(pairs: dict[str, LayerSimilarity], num_images: int) -> str:
+    """A few sentences on the diagonals: how alike each variant's layers are to FP32's same layers."""
+    lines = [f"On {num_images} reference images; the diagonal compares each layer with the same layer."]
+    diagonal = {}
+    for other, sim in pairs.items():
+        values = np.diag(sim.values)
+        diagonal[other] = float(np.nanmean(values))
+        worst = int(np.nanargmin(values))
+        lines.append(f"- FP32 vs **{other}**: diagonal CKA {diagonal[other]:.2f} on average, lowest "
+                     f"{values[worst]:.2f} at `{sim.layers_a[worst]}`.")
+    if CONTROL in diagonal:
+        control = diagonal[CONTROL]
+        for other in (v for v in COMPARED if v in diagonal):
+            verdict = "less" if diagonal[other] > control else "more"
+            lines.append(f"- {other} changes the representations {verdict} than training FP32 again with "
+                         f"another seed does ({diagonal[other]:.2f} vs {control:.2f}).")
+    else:
+        lines.append("- No FP32 model with another seed in this zoo: there is no control for how much "
+                     "two equally good FP32 networks differ.")
+    return "\n".join(lines)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _save_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.png")  # a reader never sees half a file
+    Image.fromarray(pixels).save(partial)
+    partial.replace(path)
+

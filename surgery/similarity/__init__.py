@@ -1,0 +1,27 @@
+"""Comparing variants: representation similarity (CKA, SVCCA, PWCCA), agreement, bootstrap intervals.
+
+- :mod:`~surgery.similarity.cka`: linear CKA and the streaming minibatch (debiased) CKA;
+- :mod:`~surgery.similarity.cca`: SVCCA and PWCCA;
+- :mod:`~surgery.similarity.representations`: layer activations over a dataset and the
+  layer x layer similarity matrix between two models;
+- :mod:`~surgery.similarity.agreement`: per-image agreement of predictions and attribution maps;
+- :mod:`~surgery.similarity.stats`: bootstrap confidence intervals (resampling unit: images).
+
+Example:
+    >>> from surgery.similarity import layer_similarity, mean_ci, prediction_agreement
+    >>> sim = layer_similarity(fp32, int8, loader, ["layer1", "layer2", "layer3", "layer4"])
+    >>> mean_ci(prediction_agreement(fp32(x), int8(x)))
+"""
+
+from surgery.similarity.agreement import map_spearman, prediction_agreement, top_pixels, topk_iou, topk_overlap
+from surgery.similarity.cca import canonical_correlations, pwcca, svcca
+from surgery.similarity.cka import MinibatchCKA, cka
+from surgery.similarity.representations import (LayerSimilarity, iter_activations, layer_similarity,
+                                                reduce_activation, residual_blocks)
+from surgery.similarity.stats import Estimate, bootstrap, mean_ci
+
+__all__ = [
+    "Estimate", "LayerSimilarity", "MinibatchCKA", "bootstrap", "canonical_correlations", "cka",
+    "iter_activations", "layer_similarity", "map_spearman", "mean_ci", "prediction_agreement", "pwcca",
+    "reduce_activation", "residual_blocks", "svcca", "top_pixels", "topk_iou", "topk_overlap",
+]

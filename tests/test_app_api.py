@@ -1,0 +1,274 @@
+"""The Space through its API, as ``gradio_client`` sees it: every tab's action, bad input, model sources."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import space  # noqa: F401  (switches off analytics and telemetry before gradio is imported)
+import numpy as np
+import pytest
+import yaml
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from space.zoo_source import SourceConfig, SourceError, resolve
+from test_images import png_header_only
+from surgery import attribution, compression, load_variant
+from surgery.actmax import activation_maximization
+from surgery.images import load_image
+from surgery.similarity import map_spearman, topk_iou
+
+VARIANTS = ("fp32", "int8", "sparse90")
+FAMILY = "resnet18-shapes"
+ENDPOINTS = ("/explain", "/features", "/representations", "/models")
+
+
+@pytest.fixture(scope="module")
+def client(space_app) -> Client:
+    return Client(space_app.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def example(space_app) -> Path:
+    return next(Path(p) for p in _example_paths(space_app) if Path(p).name == "chelsea.png")
+
+
+def _example_paths(demo) -> list[str]:
+    """The example files the page offers (from the Examples dataset in the page config)."""
+    for component in demo.config["components"]:
+        if component.get("type") == "dataset":
+            return [row[0]["path"] for row in component["props"]["samples"]]
+    raise AssertionError("the page has no examples")
+
+
+def _pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_every_tab_has_a_stable_api_name(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(ENDPOINTS) <= set(endpoints)
+
+
+def test_the_page_says_where_the_models_come_from(space_app, tiny_zoo):
+    with urllib.request.urlopen(f"{space_app.local_url}config") as response:
+        config = response.read().decode()
+    assert "Models shown here come from" in config and f"local zoo {tiny_zoo}" in config
+
+
+def test_examples_include_packaged_photos_and_shapes(space_app):
+    names = [Path(p).name for p in _example_paths(space_app)]
+    for photo in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "china.jpg", "flower.jpg"):
+        assert photo in names
+    assert sum(n.startswith("shapes-") for n in names) >= 3
+
+
+def test_explain_matches_the_models_run_directly(client, example, tiny_zoo):
+    out = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")
+    assert len(out) == 3 * 3 + 1
+    x = load_image(example, 64)[None]
+    direct = {}
+    for i, variant in enumerate(VARIANTS):
+        model, config = load_variant(tiny_zoo / variant)
+        direct[variant] = attribution.explain(model, x, layer="layer4")
+        label, cam, sal = out[3 * i: 3 * i + 3]
+        probabilities, indices = direct[variant].probabilities[0].topk(5)
+        assert [c["label"] for c in label["confidences"]] == [config["class_names"][j] for j in indices]
+        np.testing.assert_allclose([c["confidence"] for c in label["confidences"]], probabilities, atol=1e-6)
+        for image in (cam, sal):
+            pixels = _pixels(image)
+            assert pixels.shape == (256, 256, 3) and pixels.std() > 1  # a map, not a blank square
+    rows = out[-1]["data"]
+    assert [r[0] for r in rows] == ["INT8 (NNCF QAT)", "90% sparse"]
+    fp32 = direct["fp32"]
+    for row, variant in zip(rows, VARIANTS[1:]):
+        other = direct[variant]
+        same = bool(fp32.target[0] == other.target[0])
+        assert row[1] == ("yes" if same else "no")
+        expected = [map_spearman(fp32.gradcam, other.gradcam), topk_iou(fp32.gradcam, other.gradcam),
+                    map_spearman(fp32.saliency, other.saliency), topk_iou(fp32.saliency, other.saliency)]
+        np.testing.assert_allclose(row[2:], [float(e[0]) for e in expected], atol=6e-5)
+
+
+def test_saliency_methods_change_only_the_saliency_maps(client, example):
+    plain = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")
+    smooth = client.predict(handle_file(str(example)), FAMILY, "smoothgrad", api_name="/explain")
+    for i in range(3):
+        assert plain[3 * i] == smooth[3 * i]  # same top-5
+        assert np.array_equal(_pixels(plain[3 * i + 1]), _pixels(smooth[3 * i + 1]))  # same GradCAM
+        assert not np.array_equal(_pixels(plain[3 * i + 2]), _pixels(smooth[3 * i + 2]))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+BAD_UPLOADS = {
+    "notes.txt": (b"not an image at all\n" * 10, "not an image file"),
+    "empty.png": (b"", "empty"),
+    "truncated.png": (_png(Image.effect_noise((200, 200), 60).convert("RGB"))[:3000], "corrupt or truncated"),
+    "bomb.png": (None, "megapixels"),
+    "dot.png": (_png(Image.new("RGB", (1, 1))), "1x1 pixels"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_UPLOADS))
+def test_bad_uploads_get_a_clear_message_and_the_server_stays_up(client, example, tmp_path, name):
+    data, message = BAD_UPLOADS[name]
+    if data is None:  # a PNG header declaring 60000 x 60000 pixels, then almost nothing
+        data = png_header_only(60_000, 60_000)
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(handle_file(str(path)), FAMILY, "gradient", api_name="/explain")
+    assert "Traceback" not in str(error.value) and name in str(error.value)
+    label = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")[0]
+    assert len(label["confidences"]) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    ((None, FAMILY, "gradient"), "no image"),
+    (("EXAMPLE", "resnet99-nothing", "gradient"), "not loaded"),
+    (("EXAMPLE", FAMILY, "occlusion"), "unknown saliency method"),
+])
+def test_bad_explain_arguments_get_a_clear_message(client, example, args, message):
+    args = tuple(handle_file(str(example)) if a == "EXAMPLE" else a for a in args)
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name="/explain")
+
+
+def test_features_serve_the_precomputed_channels_equal_to_a_fresh_run(client, tiny_zoo):
+    galleries = client.predict(FAMILY, "layer4", "0, 1, 2, 3", 8, api_name="/features")
+    assert [len(g) for g in galleries] == [4, 4, 4]
+    assert [item["caption"] for item in galleries[0]] == [f"layer4 channel {c}" for c in range(4)]
+    model, _ = load_variant(tiny_zoo / "fp32")
+    fresh = activation_maximization(model, "layer4", [0, 1, 2, 3], steps=8, seed=0, size=64).images
+    fresh = (fresh.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    for item, expected in zip(galleries[0], fresh):
+        assert np.array_equal(_pixels(item["image"]), expected)
+    # The three variants are different models: their pictures differ.
+    assert not np.array_equal(_pixels(galleries[0][0]["image"]), _pixels(galleries[1][0]["image"]))
+
+
+@pytest.mark.parametrize("layer, channels, steps, message", [
+    ("layer4", "0, 600", 64, "channels 0 to 511"),
+    ("layer4", "one, two", 64, "whole numbers"),
+    ("layer4", ",".join(map(str, range(9))), 64, "at most 8 channels"),
+    ("layer4", "0", 5000, "greater than maximum value 256"),  # Gradio checks slider and dropdown bounds
+    ("fc", "0", 64, "not in the list of choices"),
+])
+def test_features_refuse_out_of_bounds_requests(client, layer, channels, steps, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(FAMILY, layer, channels, steps, api_name="/features")
+
+
+def test_representations_compare_fp32_with_every_variant_and_the_seed_control(client):
+    gallery, reading = client.predict(FAMILY, api_name="/representations")
+    captions = [item["caption"] for item in gallery]
+    assert captions == ["FP32 vs INT8 (NNCF QAT)", "FP32 vs 90% sparse", "FP32 vs FP32, seed 1"]
+    for item in gallery:
+        assert _pixels(item["image"]).std() > 1
+    diagonal = {}
+    for line in reading.splitlines():
+        if "diagonal CKA" in line:
+            name = line.split("**")[1]
+            diagonal[name] = float(line.split("diagonal CKA ")[1].split()[0])
+    assert set(diagonal) == {"int8", "sparse90", "fp32-seed1"}
+    # INT8 is fine-tuned from this very FP32 model; the control was trained from another start.
+    assert diagonal["int8"] > diagonal["fp32-seed1"]
+
+
+def test_models_tab_reports_each_variant_from_its_files(client, tiny_zoo):
+    table, text = client.predict(FAMILY, api_name="/models")
+    rows = {row[0]: row for row in table["data"]}
+    assert set(rows) == {"FP32", "INT8 (NNCF QAT)", "90% sparse", "FP32, seed 1"}
+    for title, variant in (("FP32", "fp32"), ("INT8 (NNCF QAT)", "int8"), ("90% sparse", "sparse90")):
+        model, config = load_variant(tiny_zoo / variant)
+        row = rows[title]
+        assert row[1] == pytest.approx(config["metrics"]["top1"], abs=1e-4)
+        assert row[3] == pytest.approx(compression.weight_sparsity(model)["overall"], abs=1e-4)
+        assert row[4] == pytest.approx((tiny_zoo / variant / "model.safetensors").stat().st_size / 1e6, abs=0.01)
+        assert str(tiny_zoo / variant) in row[5] and f'load_variant("{tiny_zoo / variant}")' in text
+    assert rows["90% sparse"][3] >= 0.89
+    assert rows["INT8 (NNCF QAT)"][2] == pytest.approx(
+        load_variant(tiny_zoo / "int8").config["metrics"]["agreement_with_fp32"], abs=1e-4)
+
+
+# -- where the models come from -------------------------------------------------------------------
+
+def test_local_source_without_a_zoo_says_what_is_missing(tmp_path):
+    with pytest.raises(SourceError, match="no complete local zoo"):
+        resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))
+
+
+def test_a_partial_zoo_is_not_served(tiny_zoo, tmp_path):
+    (tmp_path / "fp32").symlink_to(tiny_zoo / "fp32")
+    with pytest.raises(SourceError, match="no complete local zoo"):
+        resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_falls_back_to_the_local_zoo(tiny_zoo, tmp_path):
+    # huggingface_hub reads HF_ENDPOINT at import: a fresh process points it at a closed port.
+    script = ("import json, sys; from space.zoo_source import SourceConfig, resolve; "
+              "zoos = resolve(SourceConfig(families=('resnet18-shapes',), zoo=sys.argv[1])); "
+              "print(json.dumps({f: [z.origin, sorted(z.variants), "
+              "[v.repo_id for v in z.variants.values()]] for f, z in zoos.items()}))")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_zoo)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    origin, variants, repos = json.loads(done.stdout.strip().splitlines()[-1])["resnet18-shapes"]
+    assert origin == f"local zoo {tiny_zoo}"
+    assert variants == ["fp32", "fp32-seed1", "int8", "sparse90"] and repos == [None] * 4
+    assert "cannot reach the Hub" in done.stderr  # the fallback is logged with its reason
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The Hub client in offline mode with an empty cache (it read HF_HUB_OFFLINE at import)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_hub_only_source_fails_with_the_hub_reason(offline_hub):
+    with pytest.raises(SourceError, match="resnet18-shapes from the Hub: .*HF_HUB_OFFLINE"):
+        resolve(SourceConfig(families=("resnet18-shapes",), hub_org="nobody", source="hub"))
+
+
+def test_no_source_for_a_family_that_cannot_be_built_here(offline_hub, tmp_path):
+    # CIFAR-10 needs a download, so unlike resnet18-shapes it is never trained by the Space.
+    with pytest.raises(SourceError) as error:
+        resolve(SourceConfig(families=("resnet18-cifar10",), zoo=tmp_path))
+    assert "resnet18-cifar10 from the Hub" in str(error.value)
+    assert "resnet18-cifar10: no complete local zoo" in str(error.value)
+
+
+def test_space_front_matter_lists_the_default_hub_repos():
+    repo = Path(__file__).parents[1]
+    readme = next(p for p in (repo / "README.md", repo / "space" / "README_SPACE.md")
+                  if p.exists() and p.read_text().startswith("---\n"))
+    meta = yaml.safe_load(readme.read_text().split("---\n")[1])
+    assert (meta["sdk"], meta["sdk_version"], meta["app_file"], str(meta["python_version"])) == \
+        ("gradio", "6.31.0", "app.py", "3.11")
+    config = SourceConfig()
+    expected = {config.repo_id(f, v) for f in config.families for v in ("fp32", "int8", "sparse90")}
+    assert expected <= set(meta["models"])

@@ -1,0 +1,90 @@
+"""The page in a real browser: Playwright drives Debian's chromium (/usr/bin/chromium).
+
+Uploads an image, runs Explain and sees the three columns fill with their maps; the
+screenshot is kept under ``artifacts/browser/``. Every request the page makes is recorded:
+none may leave the machine.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from PIL import Image
+
+from space.zoo_source import VARIANTS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).parents[1] / "artifacts" / "browser"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
+                                                              "(apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def page(space_app):
+    requests: list[str] = []
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(space_app.local_url)
+        page.wait_for_selector("#explain-image", timeout=60_000)
+        page.requests = requests
+        yield page
+        browser.close()
+
+
+def _example(space_app, name: str) -> Path:
+    for component in space_app.config["components"]:
+        if component.get("type") == "dataset":
+            for row in component["props"]["samples"]:
+                if Path(row[0]["path"]).name == name:
+                    return Path(row[0]["path"])
+    raise AssertionError(f"example {name} is not offered")
+
+
+def test_upload_explain_and_see_three_columns_of_maps(page, space_app):
+    page.set_input_files("#explain-image input[type=file]", str(_example(space_app, "shapes-2-triangle.png")))
+    page.wait_for_selector("#explain-image img", timeout=30_000)
+    page.click("#explain-button")
+    for variant in VARIANTS:
+        maps = page.locator(f"#column-{variant} .map img")
+        maps.first.wait_for(timeout=120_000)
+        assert maps.count() == 2
+        for i in range(2):
+            assert maps.nth(i).evaluate("img => img.complete && img.naturalWidth") == 256
+        # The top-5 label shows a class name of the shapes family.
+        assert page.locator(f"#column-{variant}").inner_text().count("%") >= 5
+    page.get_by_text("How each compressed model differs from FP32").wait_for()
+    assert page.locator("#source").inner_text().count("local zoo") == 1
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "explain.png"), full_page=True)
+    assert (ARTIFACTS / "explain.png").stat().st_size > 10_000
+
+
+def test_a_bad_upload_shows_a_message_not_a_traceback(page, tmp_path):
+    dot = tmp_path / "dot.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(buffer, "PNG")
+    dot.write_bytes(buffer.getvalue())
+    page.set_input_files("#explain-image input[type=file]", str(dot))
+    page.wait_for_timeout(500)
+    page.click("#explain-button")
+    message = page.get_by_text("1x1 pixels")
+    message.first.wait_for(timeout=60_000)
+    assert "Traceback" not in page.content()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "bad_upload.png"))
+
+
+def test_the_page_requests_nothing_outside_the_machine(page):
+    hosts = {urlsplit(url).hostname for url in page.requests if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
+    assert hosts and hosts <= LOCAL_HOSTS, hosts - LOCAL_HOSTS
