@@ -7,7 +7,9 @@
    - ``handler``: the page's Explain handler in-process (decode, crop, three fused
      GradCAM+saliency passes, the comparisons, the overlays);
    - ``http``: the same request through the running app with ``gradio_client`` (upload, queue,
-     PNG encoding and download of the six maps included).
+     PNG encoding and download of the six maps included);
+   - ``http, no download``: the same, without fetching the six maps afterwards (a browser fetches
+     them in parallel while it lays out the page).
 
    Families without a local zoo are measured on stand-in variants built here with
    :mod:`surgery.compression` from untrained weights: an INT8 or 90%-sparse ResNet costs the same
@@ -94,13 +96,15 @@ def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> 
     demo = build_demo(session, examples=[photo])
     demo.launch(prevent_thread_lock=True, quiet=True)
     client = Client(demo.local_url, verbose=False)
+    no_download = Client(demo.local_url, verbose=False, download_files=False)
     payload = {"path": str(photo), "orig_name": photo.name}
-    print("| family | origin | floor: fwd+bwd x3 (ms) | handler (ms) | handler / floor | http (ms) | http / floor |")
-    print("|---|---|---|---|---|---|---|")
+    print("| family | origin | floor: fwd+bwd x3 (ms) | handler (ms) | handler / floor | http (ms) | http / floor "
+          "| http, no download (ms) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     try:
         for name, zoo in families.items():
             x = load_image(photo, get_family(name).input_size)
-            runs = {"floor": [], "handler": [], "http": []}
+            runs = {"floor": [], "handler": [], "http": [], "bare": []}
             for _ in range(2):  # warm-up: first calls allocate, load NNCF's extension, fill caches
                 floor_once(zoo, x), handlers.explain(payload, name, "gradient")
                 client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
@@ -112,9 +116,12 @@ def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> 
                 started = time.perf_counter()
                 client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
                 runs["http"].append(time.perf_counter() - started)
-            floor, handler, http = (median_ms(runs[k]) for k in ("floor", "handler", "http"))
+                started = time.perf_counter()
+                no_download.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
+                runs["bare"].append(time.perf_counter() - started)
+            floor, handler, http, bare = (median_ms(runs[k]) for k in ("floor", "handler", "http", "bare"))
             print(f"| {name} | {zoo.origin} | {floor:.1f} | {handler:.1f} | {handler / floor:.2f} | "
-                  f"{http:.1f} | {http / floor:.2f} |", flush=True)
+                  f"{http:.1f} | {http / floor:.2f} | {bare:.1f} | {bare / floor:.2f} |", flush=True)
     finally:
         demo.close()
 

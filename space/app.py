@@ -23,7 +23,7 @@ import gradio as gr
 from space.examples import write_examples
 from space.session import DEFAULT_STEPS, Session
 from space.ui import build_demo
-from space.zoo_source import SOURCES, SourceConfig, resolve
+from space.zoo_source import SOURCES, SourceConfig, SourceError, resolve
 from surgery.images import MAX_FILE_BYTES
 
 logger = logging.getLogger("space")
@@ -70,5 +70,9 @@ def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    demo, launch = create_app(argv)
+    try:
+        demo, launch = create_app(argv)
+    except (SourceError, ValueError) as exc:  # no models anywhere, or a bad flag value
+        logger.error("%s", exc)
+        raise SystemExit(2) from None
     demo.launch(**launch)

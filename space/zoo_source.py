@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -97,7 +97,6 @@ class FamilyZoo:
     family: str
     variants: dict[str, LoadedVariant]
     origin: str  # shown in the page: "Hugging Face Hub (ORG)", "local zoo DIR", "built here in DIR"
-    notes: list[str] = field(default_factory=list)
 
 
 def _from_hub(config: SourceConfig, family: str) -> FamilyZoo:
@@ -106,9 +105,9 @@ def _from_hub(config: SourceConfig, family: str) -> FamilyZoo:
         repo_id = config.repo_id(family, name)
         try:
             model, cfg = load_variant(repo_id, revision=config.revision)
-        except Exception:
+        except CheckpointError:  # HubError included
             if name == CONTROL:  # the seed control is optional
-                logger.info("no %s on the Hub: Representations shows no FP32-vs-FP32 control", repo_id)
+                logger.warning("no %s on the Hub: Representations shows no FP32-vs-FP32 control", repo_id)
                 continue
             raise
         variants[name] = LoadedVariant(name, model, cfg, repo_id, repo_id)
@@ -161,16 +160,22 @@ def build_shapes_zoo(out: Path) -> Path:
     return out
 
 
-def _resolve_family(config: SourceConfig, family: str, reasons: list[str],
-                    hub_reachable: list[bool]) -> FamilyZoo | None:
-    if config.source in ("auto", "hub") and hub_reachable[0]:
-        try:
-            return _from_hub(config, family)
-        except Exception as exc:  # HubError, CheckpointError, OSError: any reason means "not from the Hub"
-            reasons.append(f"{family} from the Hub: {exc}")
-            logger.warning("%s: not loaded from the Hub (%s)", family, exc)
-            if _unreachable(exc):
-                hub_reachable[0] = False  # don't wait for the same timeout once per family
+def _from_hub_or_reason(config: SourceConfig, family: str) -> tuple[FamilyZoo | None, Exception | None]:
+    try:
+        return _from_hub(config, family), None
+    except (CheckpointError, OSError) as exc:  # HubError is a CheckpointError: every reason counts
+        logger.warning("%s: not loaded from the Hub (%s)", family, exc)
+        return None, exc
+
+
+def _unreachable(exc: Exception) -> bool:
+    # surgery.hub says so in its message; a missing repo, by contrast, may concern one family only.
+    text = str(exc)
+    return "cannot reach the Hub" in text or "HF_HUB_OFFLINE" in text
+
+
+def _from_disk(config: SourceConfig, family: str, reasons: list[str]) -> FamilyZoo | None:
+    """A complete local zoo of ``family``, else (``auto`` source, shapes family) one built here."""
     if config.source in ("auto", "local"):
         directory = family_zoo_dir(config.zoo, family)
         if directory is not None and is_complete(directory):
@@ -182,19 +187,19 @@ def _resolve_family(config: SourceConfig, family: str, reasons: list[str],
     return None
 
 
-def _unreachable(exc: BaseException) -> bool:
-    # surgery.hub says so in its message; a missing repo, by contrast, may be one family only.
-    text = str(exc)
-    return "cannot reach the Hub" in text or "HF_HUB_OFFLINE" in text
-
-
 def resolve(config: SourceConfig) -> dict[str, FamilyZoo]:
     """Load every configured family from the first source that has it; raise if none has any."""
     reasons: list[str] = []
-    hub_reachable = [True]
+    use_hub = config.source in ("auto", "hub")
     families = {}
     for family in config.families:
-        zoo = _resolve_family(config, family, reasons, hub_reachable)
+        zoo = None
+        if use_hub:
+            zoo, error = _from_hub_or_reason(config, family)
+            if error is not None:
+                reasons.append(f"{family} from the Hub: {error}")
+                use_hub = not _unreachable(error)  # don't wait for the same timeout once per family
+        zoo = zoo or _from_disk(config, family, reasons)
         if zoo is not None:
             families[family] = zoo
             logger.info("%s: %s (%s)", family, zoo.origin, ", ".join(zoo.variants))

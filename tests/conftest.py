@@ -7,6 +7,10 @@ same command, to iterate on tests without rebuilding it; CI always builds afresh
 from __future__ import annotations
 
 import os
+
+# Before torch loads OpenMP: spinning worker threads make every forward ~20x slower as soon as
+# more threads than cores are runnable (app servers, DDP and Hub subprocesses in these tests).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +19,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from space.zoo_source import SourceConfig, SourceError, resolve
+from hub_servers import GitRepos, Olah, closed_endpoint
 from test_images import png_header_only
 from surgery import attribution, compression, load_variant
 from surgery.actmax import activation_maximization
@@ -217,27 +217,43 @@ def test_a_partial_zoo_is_not_served(tiny_zoo, tmp_path):
         resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _resolve_in_a_fresh_process(endpoint: str, home: Path, org: str, zoo: Path) -> tuple[dict, str]:
+    """``resolve`` for resnet18-shapes in a new process: huggingface_hub reads HF_ENDPOINT at import."""
+    script = ("import json, sys; from space.zoo_source import SourceConfig, resolve; "
+              "zoos = resolve(SourceConfig(hub_org=sys.argv[1], families=('resnet18-shapes',), zoo=sys.argv[2])); "
+              "print(json.dumps({name: {'origin': z.origin, 'variants': {v: [x.repo_id, x.config['weights']['sha256']] "
+              "for v, x in z.variants.items()}} for name, z in zoos.items()}))")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, org, str(zoo)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["resnet18-shapes"], done.stderr
+
+
+def _sha(zoo: Path, variant: str) -> str:
+    return json.loads((zoo / variant / "config.json").read_text())["weights"]["sha256"]
+
+
+def test_the_hub_comes_first(tiny_zoo, tmp_path):
+    # The zoo's variants as Hub repos ORG/<family>-<variant>, served by a real Hub mirror (olah).
+    repos = GitRepos(tmp_path / "mirrors")
+    for variant in VARIANTS:
+        repo_id = f"space-test/resnet18-shapes-{variant}"
+        repos.create(repo_id)
+        repos.commit(repo_id, "main", {f.name: f.read_bytes() for f in (tiny_zoo / variant).iterdir()}, [], "add")
+    with Olah(tmp_path / "mirrors", tmp_path) as olah:
+        # The local zoo holds the same models: the Hub must still be the one chosen.
+        found, log = _resolve_in_a_fresh_process(olah.url, tmp_path / "hf", "space-test", tiny_zoo)
+    assert found["origin"] == "Hugging Face Hub (space-test)"
+    assert found["variants"] == {v: [f"space-test/resnet18-shapes-{v}", _sha(tiny_zoo, v)] for v in VARIANTS}
+    assert "no space-test/resnet18-shapes-fp32-seed1 on the Hub" in log  # the optional control, logged
 
 
 def test_unreachable_hub_falls_back_to_the_local_zoo(tiny_zoo, tmp_path):
-    # huggingface_hub reads HF_ENDPOINT at import: a fresh process points it at a closed port.
-    script = ("import json, sys; from space.zoo_source import SourceConfig, resolve; "
-              "zoos = resolve(SourceConfig(families=('resnet18-shapes',), zoo=sys.argv[1])); "
-              "print(json.dumps({f: [z.origin, sorted(z.variants), "
-              "[v.repo_id for v in z.variants.values()]] for f, z in zoos.items()}))")
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, str(tiny_zoo)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).parents[1], timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    origin, variants, repos = json.loads(done.stdout.strip().splitlines()[-1])["resnet18-shapes"]
-    assert origin == f"local zoo {tiny_zoo}"
-    assert variants == ["fp32", "fp32-seed1", "int8", "sparse90"] and repos == [None] * 4
-    assert "cannot reach the Hub" in done.stderr  # the fallback is logged with its reason
+    found, log = _resolve_in_a_fresh_process(closed_endpoint(), tmp_path / "hf", "space-test", tiny_zoo)
+    assert found["origin"] == f"local zoo {tiny_zoo}"
+    assert found["variants"] == {v: [None, _sha(tiny_zoo, v)] for v in (*VARIANTS, "fp32-seed1")}
+    assert "cannot reach the Hub" in log  # the fallback is logged with its reason
 
 
 @pytest.fixture
@@ -263,9 +279,8 @@ def test_no_source_for_a_family_that_cannot_be_built_here(offline_hub, tmp_path)
 
 
 def test_space_front_matter_lists_the_default_hub_repos():
-    repo = Path(__file__).parents[1]
-    readme = next(p for p in (repo / "README.md", repo / "space" / "README_SPACE.md")
-                  if p.exists() and p.read_text().startswith("---\n"))
+    readme = Path(__file__).parents[1] / "README.md"
+    assert readme.read_text().startswith("---\n")
     meta = yaml.safe_load(readme.read_text().split("---\n")[1])
     assert (meta["sdk"], meta["sdk_version"], meta["app_file"], str(meta["python_version"])) == \
         ("gradio", "6.31.0", "app.py", "3.11")

@@ -71,7 +71,7 @@ def served(tiny_zoo, tmp_path_factory) -> str:
 def _requests(tmp_path: Path) -> list[tuple[str, str]]:
     """16 different (image, saliency method) requests: photos and shapes, all three methods."""
     images = [str(p) for p in write_examples(tmp_path / "examples")]
-    methods = ["gradient"] * 12 + ["smoothgrad"] * 2 + ["integrated_gradients"] * 2
+    methods = ["gradient"] * 14 + ["smoothgrad", "integrated_gradients"]
     return [(images[i % len(images)], method) for i, method in enumerate(methods)][:CLIENTS]
 
 
