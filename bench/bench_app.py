@@ -48,7 +48,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from space.examples import PHOTOS, photo_path  # noqa: E402
 from space.session import Session  # noqa: E402
-from space.ui import Handlers, build_demo  # noqa: E402
+from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
 from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
 from surgery import compression  # noqa: E402
 from surgery.images import load_image  # noqa: E402
@@ -92,8 +92,8 @@ def median_ms(samples: list[float]) -> float:
 
 def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> None:
     session = Session(families, cache_dir=Path(tempfile.mkdtemp(prefix="bench-space-")))
-    handlers = Handlers(session)
     demo = build_demo(session, examples=[photo])
+    handlers = Handlers(session, Path(tempfile.mkdtemp(prefix="bench-maps-")))
     demo.launch(prevent_thread_lock=True, quiet=True)
     client = Client(demo.local_url, verbose=False)
     no_download = Client(demo.local_url, verbose=False, download_files=False)
@@ -108,20 +108,29 @@ def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> 
             for _ in range(2):  # warm-up: first calls allocate, load NNCF's extension, fill caches
                 floor_once(zoo, x), handlers.explain(payload, name, "gradient")
                 client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
+            served_maps = Path(demo.GRADIO_CACHE) / MAPS_FOLDER
             for _ in range(repeats):  # interleaved, so a busy moment hits every column alike
                 runs["floor"].append(floor_once(zoo, x))
+                # Maps are stored by content: clear them, so that every request encodes its maps.
+                shutil.rmtree(handlers.maps_dir, ignore_errors=True)
                 started = time.perf_counter()
                 handlers.explain(payload, name, "gradient")
                 runs["handler"].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
-                runs["http"].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                no_download.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
-                runs["bare"].append(time.perf_counter() - started)
+                for key, bench_client in (("http", client), ("bare", no_download)):
+                    shutil.rmtree(served_maps, ignore_errors=True)
+                    started = time.perf_counter()
+                    bench_client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain")
+                    runs[key].append(time.perf_counter() - started)
             floor, handler, http, bare = (median_ms(runs[k]) for k in ("floor", "handler", "http", "bare"))
             print(f"| {name} | {zoo.origin} | {floor:.1f} | {handler:.1f} | {handler / floor:.2f} | "
                   f"{http:.1f} | {http / floor:.2f} | {bare:.1f} | {bare / floor:.2f} |", flush=True)
+        trivial = []
+        for _ in range(repeats + 2):
+            started = time.perf_counter()
+            no_download.predict(next(iter(families)), api_name="/models")  # memoised: no computation
+            trivial.append(time.perf_counter() - started)
+        print(f"\nGradio round trip of a request that computes nothing (`/models`, memoised): "
+              f"{median_ms(trivial[2:]):.1f} ms", flush=True)
     finally:
         demo.close()
 

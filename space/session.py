@@ -33,7 +33,7 @@ from space.zoo_source import CONTROL, VARIANTS, FamilyZoo, LoadedVariant
 from surgery import attribution, compression
 from surgery.actmax import activation_maximization
 from surgery.registry import get_family
-from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, topk_iou
+from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, residual_blocks, topk_iou
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class Session:
         for name in VARIANTS:
             with self.model(family, name) as model:
                 out = attribution.explain(model, x, layer=layer)
-                saliency = out.saliency if method == "gradient" else attribution.saliency(model, x, method=method)
+                saliency = (out.saliency if method == "gradient"
+                            else attribution.saliency(model, x, target=out.target, method=method))
             answers[name] = VariantExplanation(out.probabilities[0], out.gradcam[0], saliency[0])
         reference = answers["fp32"]
         comparisons = [_compare(name, reference, answers[name]) for name in COMPARED]
@@ -215,7 +216,7 @@ class Session:
             return _similarity_from_dict(json.loads(path.read_text()))
         batch = max(len(images) // CKA_BATCHES, 4)
         with self.model(family, "fp32") as fp32, self.model(family, other) as model:
-            sim = layer_similarity(fp32, model, images.split(batch), _blocks(fp32), seed=0)
+            sim = layer_similarity(fp32, model, images.split(batch), residual_blocks(fp32), seed=0)
         data = sim.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -238,12 +239,6 @@ def _out_channels(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
     # A residual stage ends in its last block's last conv (its output width).
     return convs[-1].out_channels if convs else 0
-
-
-def _blocks(model: nn.Module) -> list[str]:
-    """The residual blocks in order (``layer1.0`` ... ``layer4.1``): where CKA compares models."""
-    return [f"{stage}.{i}" for stage, module in model.named_children() if stage.startswith("layer")
-            for i in range(len(module))]
 
 
 def _compare(name: str, reference: VariantExplanation, other: VariantExplanation) -> Comparison:

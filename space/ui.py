@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from space import render
 from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_STEPS, MIN_STEPS,
@@ -39,6 +42,7 @@ from surgery.registry import get_family
 logger = logging.getLogger(__name__)
 
 DISPLAY = 256  # side of the maps and overlays shown in the page, in pixels
+MAPS_FOLDER = "surgery-maps"  # inside Gradio's cache folder
 TITLES = {"fp32": "FP32", "int8": "INT8 (NNCF QAT)", "sparse90": "90% sparse", CONTROL: "FP32, seed 1"}
 COMPARISON_HEADERS = ["variant", "same prediction as FP32", "GradCAM Spearman", "GradCAM top-k IoU",
                       "saliency Spearman", "saliency top-k IoU"]
@@ -102,11 +106,34 @@ def _parse_channels(text: str) -> list[int]:
     return list(dict.fromkeys(channels))  # drop repeats, keep order
 
 
-class Handlers:
-    """The event handlers, bound to one shared :class:`Session`."""
+def _png_file(pixels: np.ndarray, directory: Path) -> str:
+    """Save an RGB map as a lossless PNG at zlib level 1 in ``directory``; returns its path.
 
-    def __init__(self, session: Session) -> None:
+    Gradio would encode arrays at Pillow's default level, 4x slower for files 12% smaller: for
+    the six maps of an Explain answer that was the largest cost after the models themselves
+    (``bench/bench_app.py``). Files are named by content, so a repeated answer is not encoded
+    again and two requests writing the same map agree.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes() + str(pixels.shape).encode()).hexdigest()
+    path = directory / f"{digest[:40]}.png"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = directory / f"{digest[:40]}.{threading.get_ident()}.partial"
+        Image.fromarray(pixels).save(partial, "PNG", compress_level=1)
+        partial.replace(path)
+    return str(path)
+
+
+class Handlers:
+    """The event handlers, bound to one shared :class:`Session`.
+
+    ``maps_dir`` is where the Explain maps are written: inside Gradio's cache folder, Gradio
+    serves them as they are.
+    """
+
+    def __init__(self, session: Session, maps_dir: Path) -> None:
         self.session = session
+        self.maps_dir = Path(maps_dir)
 
     def _family(self, family: str) -> str:
         self.session.zoo(family)  # raises ValueError for a family that is not loaded
@@ -124,8 +151,9 @@ class Handlers:
         outputs: list = []
         for variant in VARIANTS:
             answer = result.variants[variant]
-            outputs += [_top_k(answer.probabilities, class_names), render.overlay(shown, answer.gradcam),
-                        render.colorize(answer.saliency, DISPLAY)]
+            outputs += [_top_k(answer.probabilities, class_names),
+                        _png_file(render.overlay(shown, answer.gradcam), self.maps_dir),
+                        _png_file(render.colorize(answer.saliency, DISPLAY), self.maps_dir)]
         rows = [[TITLES[c.variant], "yes" if c.same_prediction else "no", _number(c.gradcam_spearman),
                  _number(c.gradcam_iou), _number(c.saliency_spearman), _number(c.saliency_iou)]
                 for c in result.comparisons]
@@ -178,11 +206,11 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
                feature_steps: int = DEFAULT_STEPS) -> gr.Blocks:
     """The page. ``concurrency``: requests served at once per action (locks keep models apart);
     ``feature_steps``: the Features tab's initial optimisation steps (precomputed at start-up)."""
-    h = Handlers(session)
     families = list(session.families)
     first = families[0]
     first_layer = get_family(first).gradcam_layer
     with gr.Blocks(title="Compressed CNN surgery") as demo:
+        h = Handlers(session, Path(demo.GRADIO_CACHE) / MAPS_FOLDER)
         gr.Markdown("# Compressed CNN surgery\nWhat changes inside a CNN when it is quantized to INT8 "
                     "(NNCF quantization-aware training) or made 90% sparse: the same image, the same "
                     "tools, three models side by side.")
@@ -210,9 +238,9 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
                     with gr.Column(elem_classes=["variant-column"], elem_id=f"column-{variant}"):
                         gr.Markdown(f"### {TITLES[variant]}")
                         outputs += [gr.Label(num_top_classes=TOP_K, label=f"{TITLES[variant]}: top-{TOP_K}"),
-                                    gr.Image(label=f"{TITLES[variant]}: GradCAM", format="png",
+                                    gr.Image(label=f"{TITLES[variant]}: GradCAM", type="filepath",
                                              height=DISPLAY, elem_classes=["map"]),
-                                    gr.Image(label=f"{TITLES[variant]}: saliency", format="png",
+                                    gr.Image(label=f"{TITLES[variant]}: saliency", type="filepath",
                                              height=DISPLAY, elem_classes=["map"])]
             table = gr.Dataframe(headers=COMPARISON_HEADERS, label="How each compressed model differs from FP32",
                                  interactive=False)

@@ -3,33 +3,29 @@
 Example:
     >>> import surgery
     >>> model, config = surgery.load_variant("zoo/resnet18-shapes/int8")
-    >>> family = surgery.get_family(config["family"])
+    >>> maps = surgery.gradcam(model, images)
 """
 
+# The model zoo: registry, checkpoint format, loader.
 from surgery.checkpoint import CheckpointError, Variant, read_config, save_variant
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, build_model, get_family
 
-__all__ = [
-    "FAMILIES", "CheckpointError", "ModelFamily", "Variant",
-    "build_model", "get_family", "load_variant", "read_config", "save_variant",
-]
+# Attribution and activation maximization.
+from surgery.actmax import ActMaxResult, activation_maximization
+from surgery.attribution import Explanation, explain, gradcam, normalize_maps, saliency
 
-# Comparison of variants and scoring of maps (issue 4, part B).
+# Comparison of variants and scoring of maps against ground truth.
 from surgery.scoring import DeletionInsertion, deletion_insertion, energy_in_mask, pointing_game
 from surgery.similarity import (Estimate, LayerSimilarity, MinibatchCKA, canonical_correlations, cka,
                                 layer_similarity, map_spearman, mean_ci, prediction_agreement, pwcca, svcca,
                                 topk_iou, topk_overlap)
 
-__all__ += [
-    "DeletionInsertion", "Estimate", "LayerSimilarity", "MinibatchCKA", "canonical_correlations", "cka",
-    "deletion_insertion", "energy_in_mask", "layer_similarity", "map_spearman", "mean_ci", "pointing_game",
-    "prediction_agreement", "pwcca", "svcca", "topk_iou", "topk_overlap",
+__all__ = [
+    "FAMILIES", "CheckpointError", "ModelFamily", "Variant",
+    "build_model", "get_family", "load_variant", "read_config", "save_variant",
+    "ActMaxResult", "Explanation", "activation_maximization", "explain", "gradcam", "normalize_maps", "saliency",
+    "DeletionInsertion", "deletion_insertion", "energy_in_mask", "pointing_game",
+    "Estimate", "LayerSimilarity", "MinibatchCKA", "canonical_correlations", "cka", "layer_similarity",
+    "map_spearman", "mean_ci", "prediction_agreement", "pwcca", "svcca", "topk_iou", "topk_overlap",
 ]
-
-# Attribution and activation maximisation (issue 4, part A).
-from surgery.actmax import ActMaxResult, activation_maximization
-from surgery.attribution import Explanation, explain, gradcam, normalize_maps, saliency
-
-__all__ += ["ActMaxResult", "Explanation", "activation_maximization", "explain", "gradcam", "normalize_maps",
-            "saliency"]

@@ -287,3 +287,16 @@ def test_space_front_matter_lists_the_default_hub_repos():
     config = SourceConfig()
     expected = {config.repo_id(f, v) for f in config.families for v in ("fp32", "int8", "sparse90")}
     assert expected <= set(meta["models"])
+
+
+def test_requests_leave_no_hooks_and_no_gradients_on_the_shared_models(client, example, space_app):
+    for method in ("gradient", "smoothgrad"):
+        client.predict(handle_file(str(example)), FAMILY, method, api_name="/explain")
+    client.predict(FAMILY, "layer4", "5", 8, api_name="/features")  # a channel not precomputed
+    explain = next(f for f in space_app.fns.values() if f.api_name == "explain")
+    session = explain.fn.__self__.session
+    for variant in session.zoo(FAMILY).variants.values():
+        for name, module in variant.model.named_modules():
+            hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+            assert not any(hooks), f"{variant.name}/{name} keeps a hook"
+        assert all(p.grad is None and not p.requires_grad for p in variant.model.parameters())
