@@ -8,10 +8,6 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-# NNCF compiles its CPU extension on the first INT8 forward and gives up after 60 s by default;
-# on a fresh 2-core machine under load the compile takes longer (seen here), which would crash
-# start-up. A user's own setting is kept.
-os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 # Requests run in several threads at once, each with its own OpenMP team: idle OpenMP threads must
 # sleep rather than spin, or concurrent requests slow each other down many times over (tests/conftest.py).
 # Read when torch loads OpenMP, so this package must be imported first (app.py does).

@@ -22,7 +22,7 @@ import gradio as gr
 
 from space.examples import write_examples
 from space.session import DEFAULT_STEPS, Session
-from space.ui import build_demo
+from space.ui import CSS, build_demo
 from space.zoo_source import SOURCES, SourceConfig, SourceError, resolve
 from surgery.images import MAX_FILE_BYTES
 
@@ -64,7 +64,7 @@ def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
     examples = write_examples(cache / "examples")
     demo = build_demo(session, examples, concurrency=args.concurrency, feature_steps=args.feature_steps)
     launch = {"server_name": args.host, "server_port": args.port, "max_file_size": MAX_FILE_BYTES,
-              "allowed_paths": [str(cache)], "footer_links": ["api"]}
+              "allowed_paths": [str(cache)], "footer_links": ["api"], "css": CSS}
     return demo, launch
 
 

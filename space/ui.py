@@ -14,7 +14,7 @@ details go to the server log.
 
 Example:
     >>> demo = build_demo(session, examples=write_examples(Path("/tmp/examples")))
-    >>> demo.launch()
+    >>> demo.launch(css=CSS)
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ from surgery.registry import get_family
 
 logger = logging.getLogger(__name__)
 
-DISPLAY = 256  # side of the maps and overlays shown in the page, in pixels
+DISPLAY = 256  # height of the image boxes in the page, in CSS pixels
+# Maps are stored at the model's input size, but at least 128 pixels (for the photo under the
+# GradCAM overlay) and at most DISPLAY: more pixels than the model saw add no information and
+# cost PNG encoding time on every request (bench/bench_app.py).
+MIN_MAP_SIDE = 128
+# The maps fill their boxes (the browser scales them up smoothly); pass as ``launch(css=CSS)``.
+CSS = ".map img { width: 100%; height: 100%; object-fit: contain; }"
 MAPS_FOLDER = "surgery-maps"  # inside Gradio's cache folder
 TITLES = {"fp32": "FP32", "int8": "INT8 (NNCF QAT)", "sparse90": "90% sparse", CONTROL: "FP32, seed 1"}
 COMPARISON_HEADERS = ["variant", "same prediction as FP32", "GradCAM Spearman", "GradCAM top-k IoU",
@@ -143,9 +149,11 @@ class Handlers:
     def explain(self, image: Any, family: str, method: str) -> list:
         family = self._family(family)
         source, name = _image_source(image)
-        picture = decode_image(source, name, draft_size=DISPLAY)
-        x = to_tensor(square_crop(picture, get_family(family).input_size))
-        shown = np.asarray(square_crop(picture, DISPLAY))
+        size = get_family(family).input_size
+        side = min(max(size, MIN_MAP_SIDE), DISPLAY)
+        picture = decode_image(source, name, draft_size=side)
+        x = to_tensor(square_crop(picture, size))
+        shown = np.asarray(square_crop(picture, side))
         result = self.session.explain(family, x, method)
         class_names = self.session.zoo(family).variants["fp32"].config["class_names"]
         outputs: list = []
@@ -153,7 +161,7 @@ class Handlers:
             answer = result.variants[variant]
             outputs += [_top_k(answer.probabilities, class_names),
                         _png_file(render.overlay(shown, answer.gradcam), self.maps_dir),
-                        _png_file(render.colorize(answer.saliency, DISPLAY), self.maps_dir)]
+                        _png_file(render.colorize(answer.saliency, side), self.maps_dir)]
         rows = [[TITLES[c.variant], "yes" if c.same_prediction else "no", _number(c.gradcam_spearman),
                  _number(c.gradcam_iou), _number(c.saliency_spearman), _number(c.saliency_iou)]
                 for c in result.comparisons]

@@ -8,13 +8,19 @@ Everything else in the project goes through these functions, so an NNCF upgrade 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager
 
-import nncf
-import nncf.torch
+# NNCF compiles its CPU extension on the first INT8 forward and gives up after 60 s by default;
+# on a busy 2-core machine the compile takes longer (seen here), which would crash training or
+# the app's start-up. A user's own setting is kept.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+
+import nncf  # noqa: E402  (after the timeout above)
+import nncf.torch  # noqa: E402
 import torch
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped

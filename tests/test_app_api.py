@@ -85,7 +85,7 @@ def test_explain_matches_the_models_run_directly(client, example, tiny_zoo):
         np.testing.assert_allclose([c["confidence"] for c in label["confidences"]], probabilities, atol=1e-6)
         for image in (cam, sal):
             pixels = _pixels(image)
-            assert pixels.shape == (256, 256, 3) and pixels.std() > 1  # a map, not a blank square
+            assert pixels.shape == (128, 128, 3) and pixels.std() > 1  # a map, not a blank square
     rows = out[-1]["data"]
     assert [r[0] for r in rows] == ["INT8 (NNCF QAT)", "90% sparse"]
     fp32 = direct["fp32"]

@@ -60,7 +60,7 @@ def test_upload_explain_and_see_three_columns_of_maps(page, space_app):
         maps.first.wait_for(timeout=120_000)
         assert maps.count() == 2
         for i in range(2):
-            assert maps.nth(i).evaluate("img => img.complete && img.naturalWidth") == 256
+            assert maps.nth(i).evaluate("img => img.complete && img.naturalWidth") == 128  # 2x the model's input
         # The top-5 label shows a class name of the shapes family.
         assert page.locator(f"#column-{variant}").inner_text().count("%") >= 5
     page.get_by_text("How each compressed model differs from FP32").wait_for()
