@@ -82,14 +82,14 @@ def bake_sparsity(model: nn.Module) -> nn.Module:
 
 
 def _has_hooks(model: nn.Module) -> bool:
-    return any("__nncf_hooks" in name for name, _ in model.named_modules())
+    """Whether the model's forward runs NNCF hooks (quantizers or unbaked masks). A baked sparse
+    model keeps an empty hook container, which counts as none."""
+    return is_wrapped(model) and not get_hook_storage(model).is_empty()
 
 
 def compression_config(model: nn.Module) -> dict | None:
     """NNCF's JSON-serialisable description of where its modules sit; None for a plain model."""
-    config = nncf.torch.get_config(model) if _has_hooks(model) else None
-    # A baked sparse model keeps an empty hook container: it describes no compression at all.
-    return config if config and config.get("compression_state") else None
+    return nncf.torch.get_config(model) if _has_hooks(model) else None
 
 
 def restore(model: nn.Module, config: dict) -> nn.Module:
@@ -131,8 +131,7 @@ def forward_lock(model: nn.Module) -> ContextManager:
         >>> with forward_lock(model):
         ...     logits = model(x)
     """
-    runs_hooks = is_wrapped(model) and not get_hook_storage(model).is_empty()
-    return _NNCF_FORWARD_LOCK if runs_hooks else nullcontext()
+    return _NNCF_FORWARD_LOCK if _has_hooks(model) else nullcontext()
 
 
 class _StraightThrough(torch.autograd.Function):
