@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +46,7 @@ import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
 from space.examples import PHOTOS, photo_path  # noqa: E402
+from space.preparing import serves_the_space  # noqa: E402
 from space.session import Session  # noqa: E402
 from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
 from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
@@ -151,14 +151,10 @@ def first_answer_seconds(zoo: Path, cache: Path, extensions: Path, photo: Path) 
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        while True:
+        while not serves_the_space(url):
             if process.poll() is not None:
                 raise RuntimeError(f"python app.py exited with {process.returncode}")
-            try:
-                urllib.request.urlopen(f"{url}/config", timeout=5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+            time.sleep(0.2)
         Client(url, verbose=False).predict(handle_file(str(photo)), "resnet18-shapes", "gradient",
                                            api_name="/explain")
         return time.perf_counter() - started

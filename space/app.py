@@ -2,7 +2,9 @@
 
 ``python app.py`` with no arguments pulls the default Hub repos, falls back to a local zoo,
 and on a machine with neither trains the ``resnet18-shapes`` zoo first (see
-:mod:`space.zoo_source`). Flags override the ``SURGERY_*`` environment variables:
+:mod:`space.zoo_source`). Until the models are ready, the address serves a page with the live
+progress (:mod:`space.preparing`), which turns into the Space when it is up. Flags override the
+``SURGERY_*`` environment variables:
 
     python app.py --zoo /data/zoo --source local --port 7860
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from space.examples import write_examples
+from space.preparing import StartupLog, preparing_page
 from space.session import DEFAULT_STEPS, Session
 from space.ui import CSS, build_demo
 from space.zoo_source import SOURCES, SourceConfig, SourceError, resolve
@@ -46,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                    default=int(os.environ.get("SURGERY_SPACE_FEATURE_STEPS", str(DEFAULT_STEPS))),
                    help="activation-maximisation steps of the Features tab's first view, computed at start-up "
                         "(env SURGERY_SPACE_FEATURE_STEPS)")
+    p.add_argument("--build-steps", type=int,
+                   default=int(os.environ.get("SURGERY_BUILD_STEPS", "0")) or None,
+                   help="when the zoo is built here, cap every training epoch at this many steps: a quick "
+                        "smoke build whose models are barely trained (env SURGERY_BUILD_STEPS)")
     p.add_argument("--host", default=None, help="address to listen on (Gradio's default, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="port (Gradio's default, or GRADIO_SERVER_PORT)")
     return p
@@ -53,11 +60,14 @@ def parser() -> argparse.ArgumentParser:
 
 def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
     """Resolve the models, warm the caches and build the page; returns it and its launch options."""
-    args = parser().parse_args(argv)
+    return _create(parser().parse_args(argv))
+
+
+def _create(args: argparse.Namespace) -> tuple[gr.Blocks, dict]:
     config = SourceConfig.from_env(hub_org=args.hub_org, families=args.families, zoo=args.zoo,
                                    source=args.source, revision=args.revision)
     cache = Path(args.cache_dir)
-    session = Session(resolve(config), cache_dir=cache)
+    session = Session(resolve(config, build_steps=args.build_steps), cache_dir=cache)
     first = next(iter(session.families))
     logger.info("precomputing the Features tab's first view for %s", first)
     session.precompute(first, args.feature_steps)
@@ -70,9 +80,17 @@ def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    log = StartupLog.attach()
+    waiting = preparing_page(log)
+    waiting.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True)
+    logger.info("preparing the models; progress at %s", waiting.local_url)
     try:
-        demo, launch = create_app(argv)
+        demo, launch = _create(args)
     except (SourceError, ValueError) as exc:  # no models anywhere, or a bad flag value
         logger.error("%s", exc)
         raise SystemExit(2) from None
-    demo.launch(**launch)
+    finally:
+        waiting.close()
+        log.detach()
+    demo.launch(**{**launch, "server_port": waiting.server_port})

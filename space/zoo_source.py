@@ -144,16 +144,18 @@ def _from_local(directory: Path, family: str, origin: str) -> FamilyZoo:
     return FamilyZoo(family, variants, origin)
 
 
-def build_shapes_zoo(out: Path) -> Path:
+def build_shapes_zoo(out: Path, max_steps: int | None = None) -> Path:
     """Train the ``resnet18-shapes`` zoo (with the seed control) into ``out`` with the training CLI.
 
     The CLI shows its progress bars and logs; an interrupted build resumes where it stopped.
+    ``max_steps`` caps every epoch (a quick smoke build).
     """
     from training.cli import main as training_main  # the trainer is only needed on this path
 
     logger.warning("no %s models on the Hub or in a local zoo: training them now into %s "
                    "(about 5 minutes on 2 CPU cores; progress follows)", BUILDABLE_FAMILY, out)
-    status = training_main(["zoo", "--family", BUILDABLE_FAMILY, "--out", str(out), "--seed-control"])
+    argv = ["zoo", "--family", BUILDABLE_FAMILY, "--out", str(out), "--seed-control"]
+    status = training_main(argv + (["--max-steps", str(max_steps)] if max_steps else []))
     if status != 0 or not is_complete(out):
         raise SourceError(f"building the {BUILDABLE_FAMILY} zoo into {out} failed (exit status {status}); "
                           "see the log above")
@@ -174,7 +176,8 @@ def _unreachable(exc: Exception) -> bool:
     return "cannot reach the Hub" in text or "HF_HUB_OFFLINE" in text
 
 
-def _from_disk(config: SourceConfig, family: str, reasons: list[str]) -> FamilyZoo | None:
+def _from_disk(config: SourceConfig, family: str, reasons: list[str],
+               build_steps: int | None) -> FamilyZoo | None:
     """A complete local zoo of ``family``, else (``auto`` source, shapes family) one built here."""
     if config.source in ("auto", "local"):
         directory = family_zoo_dir(config.zoo, family)
@@ -182,13 +185,16 @@ def _from_disk(config: SourceConfig, family: str, reasons: list[str]) -> FamilyZ
             return _from_local(directory, family, f"local zoo {directory}")
         reasons.append(f"{family}: no complete local zoo under {config.zoo}")
     if config.source == "auto" and family == BUILDABLE_FAMILY:
-        directory = build_shapes_zoo(config.zoo / family)
+        directory = build_shapes_zoo(config.zoo / family, build_steps)
         return _from_local(directory, family, f"built here in {directory}")
     return None
 
 
-def resolve(config: SourceConfig) -> dict[str, FamilyZoo]:
-    """Load every configured family from the first source that has it; raise if none has any."""
+def resolve(config: SourceConfig, build_steps: int | None = None) -> dict[str, FamilyZoo]:
+    """Load every configured family from the first source that has it; raise if none has any.
+
+    ``build_steps`` caps the training epochs of a zoo built here (see :func:`build_shapes_zoo`).
+    """
     reasons: list[str] = []
     use_hub = config.source in ("auto", "hub")
     families = {}
@@ -199,7 +205,7 @@ def resolve(config: SourceConfig) -> dict[str, FamilyZoo]:
             if error is not None:
                 reasons.append(f"{family} from the Hub: {error}")
                 use_hub = not _unreachable(error)  # don't wait for the same timeout once per family
-        zoo = zoo or _from_disk(config, family, reasons)
+        zoo = zoo or _from_disk(config, family, reasons, build_steps)
         if zoo is not None:
             families[family] = zoo
             logger.info("%s: %s (%s)", family, zoo.origin, ", ".join(zoo.variants))

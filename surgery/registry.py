@@ -45,6 +45,7 @@ class Recipe:
     warmup_epochs: float = 0.0
     optimizer: str = "sgd"  # or "adamw"
     steps_per_epoch: int | None = None  # truncate epochs (short fine-tuning, smoke runs)
+    autocast: str | None = None  # "bfloat16": mixed-precision forward, weights and optimiser stay FP32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,13 +151,15 @@ FAMILIES: dict[str, ModelFamily] = {
             last_stage_stride=1,
             # Sized for the CPU: the whole zoo in under 5 minutes on 2 cores (README).
             fp32=Recipe(epochs=3, lr=2e-3, batch_size=64, optimizer="adamw", weight_decay=5e-4,
-                        warmup_epochs=0.3),
+                        warmup_epochs=0.3, autocast="bfloat16"),
             compression=CompressionRecipe(
                 int8=Recipe(epochs=1, lr=2e-3, batch_size=64, steps_per_epoch=16),
-                sparse=Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=48),
+                sparse=Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32,
+                              autocast="bfloat16"),
                 calibration_samples=512,
+                sparsity_ramp=0.35,
             ),
-            train_samples=6144,
+            train_samples=7168,
             eval_samples=1000,
             description="Offline family: ResNet18 (layer4 at stride 1: 4x4 maps at 64x64) on generated shapes with masks.",
         ),

@@ -343,7 +343,7 @@ class Olah:
         self.workdir = Path(workdir)
         self.proxy = CountingProxy()
         self.url = self.proxy.url
-        port = _free_port()
+        port = free_port()
         self.proxy.upstream = f"127.0.0.1:{port}"
         netloc = urlsplit(self.url).netloc  # olah writes its own address into redirects: the proxy's
         config = self.workdir / "olah.toml"
@@ -388,7 +388,7 @@ class Olah:
         raise RuntimeError(f"olah did not start within {timeout} s:\n{self.log.read_text()[-3000:]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -405,7 +405,7 @@ def silent_endpoint() -> Iterator[str]:
 
 def closed_endpoint() -> str:
     """A Hub address where nothing listens: connections are refused."""
-    return f"http://127.0.0.1:{_free_port()}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def client(ops: list[dict]) -> list[dict]:

@@ -8,12 +8,10 @@ no hook, gradient or intermediate result of one request leaks into another.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import space  # noqa: F401  (switches off analytics and telemetry before gradio is imported)
@@ -22,16 +20,12 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from hub_servers import free_port
 from space.examples import write_examples
+from space.preparing import serves_the_space
 
 CLIENTS = 16
 REPO = Path(__file__).parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -39,11 +33,9 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"python app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/config", timeout=5):
-                return
-        except OSError:
-            time.sleep(0.5)
+        if serves_the_space(url):
+            return
+        time.sleep(0.5)
     raise AssertionError(f"python app.py did not serve within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
@@ -51,7 +43,7 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout:
 def served(tiny_zoo, tmp_path_factory) -> str:
     """``python app.py`` on the tiny zoo, in its own process; yields its URL."""
     work = tmp_path_factory.mktemp("space-load")
-    port = _free_port()
+    port = free_port()
     log = work / "app.log"
     command = [sys.executable, "app.py", "--zoo", str(tiny_zoo), "--source", "local", "--families",
                "resnet18-shapes", "--cache-dir", str(work / "cache"), "--port", str(port),

@@ -14,12 +14,9 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
+from chromium import ARTIFACTS, CHROMIUM, launch
 from space.zoo_source import VARIANTS
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-ARTIFACTS = Path(__file__).parents[1] / "artifacts" / "browser"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -31,7 +28,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium
 def page(space_app):
     requests: list[str] = []
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch(p)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
         page.on("request", lambda request: requests.append(request.url))

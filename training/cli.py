@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from surgery.checkpoint import CheckpointError, read_config, write_config
 from surgery.data import build_dataset
@@ -148,17 +149,23 @@ def build_zoo(args, ctx: distributed.Context) -> dict:
     c = family.compression
     started = time.perf_counter()
     fp32_recipe = _override(family.fp32, args)
+    overall = tqdm(total=3 + args.seed_control, desc=f"zoo {family.name}", unit="model", disable=not ctx.is_main)
     fp32, metrics, reference = train_fp32(job, fp32_recipe, args.out / "fp32")
     results = {"fp32": metrics}
+    overall.update()
     _, results["int8"] = derive_int8(job, fp32, _override(c.int8, args), c.calibration_samples,
                                      args.out / "int8", reference)
+    overall.update()
     name = f"sparse{round(c.sparsity * 100)}"
     _, results[name] = derive_sparse(job, fp32, _override(c.sparse, args), c.sparsity, c.sparsity_ramp,
                                      args.out / name, reference, variant=name)
+    overall.update()
     if args.seed_control:
         control = f"fp32-seed{args.seed + 1}"
         control_job = Job(**{**job.__dict__, "seed": args.seed + 1})
         _, results[control], _ = train_fp32(control_job, fp32_recipe, args.out / control, variant=control)
+        overall.update()
+    overall.close()
     logger.info("zoo %s built in %.1f s", family.name, time.perf_counter() - started)
     return results
 

@@ -1,0 +1,120 @@
+"""The page served while the Space prepares its models: live progress instead of a dead port.
+
+Pulling the models takes seconds; building the shapes zoo on a fresh machine takes minutes.
+Meanwhile this page shows the progress bars of whatever runs (the trainer's epochs, the data
+generation, the Features precompute: read from tqdm's live bars, so the training code needs no
+hook) and the last log lines, refreshed every second. It reloads itself into the real page as
+soon as that answers at the same address.
+
+Example:
+    >>> log = StartupLog.attach()
+    >>> page = preparing_page(log)
+    >>> page.launch(prevent_thread_lock=True)   # ... prepare the models ..., then page.close()
+"""
+
+from __future__ import annotations
+
+import collections
+import html
+import json
+import logging
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import gradio as gr
+from tqdm.std import tqdm
+
+TITLE = "Compressed CNN surgery: preparing the models"
+LOG_LINES = 6
+LOGGERS = {"space", "training", "surgery", "nncf"}  # the start-up's own story, not the web server's
+# Polls the address: once it serves another app (the real page), show that one.
+RELOAD_WHEN_READY = f"""() => {{
+  fetch("config", {{cache: "no-store"}}).then(r => r.json())
+    .then(c => {{ if (c.title && c.title !== {TITLE!r}) window.location.reload(); }}).catch(() => {{}});
+}}"""
+
+
+class StartupLog(logging.Handler):
+    """The last log lines of the start-up, for the page (thread-safe, bounded)."""
+
+    def __init__(self, lines: int = LOG_LINES) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        self.records: collections.deque[str] = collections.deque(maxlen=lines)
+        self.started = time.monotonic()
+        self._guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.partition(".")[0] not in LOGGERS:
+            return
+        with self._guard:
+            self.records.append(self.format(record))
+
+    def lines(self) -> list[str]:
+        with self._guard:
+            return list(self.records)
+
+    @classmethod
+    def attach(cls) -> "StartupLog":
+        handler = cls()
+        logging.getLogger().addHandler(handler)
+        return handler
+
+    def detach(self) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One live progress bar: what runs, how far, for how long."""
+
+    desc: str
+    n: int
+    total: int | None
+    elapsed: float
+
+
+def live_bars() -> list[Bar]:
+    """The tqdm bars open in this process now, outermost first."""
+    with tqdm.get_lock():
+        bars = sorted(tqdm._instances, key=lambda b: abs(getattr(b, "pos", 0)))
+    return [Bar(str(b.desc or "working"), int(b.n), b.total, float(b.format_dict.get("elapsed", 0.0)))
+            for b in bars if not b.disable]
+
+
+def status_html(log: StartupLog) -> str:
+    """The page's status block: elapsed time, one ``<progress>`` per live bar, the log tail."""
+    rows = []
+    for bar in live_bars():
+        meter = (f'<progress value="{bar.n}" max="{bar.total}"></progress> {bar.n}/{bar.total}'
+                 if bar.total else f"{bar.n}")
+        rows.append(f"<li><b>{html.escape(bar.desc)}</b> {meter} ({bar.elapsed:.0f} s)</li>")
+    elapsed = time.monotonic() - log.started
+    log_tail = html.escape("\n".join(log.lines()))
+    return (f'<div id="preparing-status"><p>Started {elapsed:.0f} s ago. This page opens the Space by '
+            f"itself when the models are ready.</p><ul>{''.join(rows) or '<li>loading…</li>'}</ul>"
+            f'<pre style="white-space: pre-wrap">{log_tail}</pre></div>')
+
+
+def serves_the_space(url: str, timeout: float = 5) -> bool:
+    """Whether ``url`` answers with the Space itself (not this page, not a closed port)."""
+    try:
+        with urllib.request.urlopen(f"{url}/config", timeout=timeout) as response:
+            return json.load(response).get("title") not in (None, TITLE)
+    except (OSError, ValueError):
+        return False
+
+
+def preparing_page(log: StartupLog) -> gr.Blocks:
+    """A page with the live status; ``/status`` returns the same HTML to API clients."""
+    with gr.Blocks(title=TITLE) as page:
+        gr.Markdown("# Compressed CNN surgery\nThe models are being prepared: pulled from the Hub, "
+                    "loaded from a local zoo, or, on a machine with neither, trained here "
+                    "(about 5 minutes on 2 CPU cores).")
+        status = gr.HTML(status_html(log))
+        timer = gr.Timer(1.0)
+        timer.tick(lambda: status_html(log), None, status, api_name="status", show_progress="hidden")
+        timer.tick(None, js=RELOAD_WHEN_READY, api_visibility="private")
+    return page

@@ -1,0 +1,104 @@
+"""``python app.py`` on a machine with no Hub and no zoo: it trains the shapes zoo itself, shows the
+progress in the page meanwhile, then serves the Space on the same address.
+
+A browser watches the whole time (the screenshot of the progress page is kept under
+``artifacts/browser/preparing.png``). The build is a smoke build (``--build-steps 2``: every
+epoch cut to two steps), so the path a fresh machine takes runs end to end in about a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import space  # noqa: F401  (switches off analytics and telemetry before gradio is imported)
+import pytest
+from chromium import ARTIFACTS, CHROMIUM, launch
+from gradio_client import Client, handle_file
+from hub_servers import free_port
+
+from space.examples import PHOTOS, photo_path
+from space.preparing import serves_the_space
+from space.zoo_source import VARIANTS, is_complete
+from surgery.checkpoint import read_config
+
+REPO = Path(__file__).parents[1]
+TIMEOUT = 600
+EPOCH_BAR = re.compile(r"<b>(fp32|int8-qat|sparse90|fp32-seed1) \d/\d</b> <progress")
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+def _screenshot_progress(page) -> None:
+    """Keep a picture of the page showing progress bars, at an epoch's bar if one shows in time
+    (a smoke build's epochs last about a second; the page refreshes every second)."""
+    page.wait_for_selector("#preparing-status progress", timeout=10_000)
+    epoch = page.locator("#preparing-status li", has_text=re.compile(r"(fp32|int8-qat|sparse90|fp32-seed1) \d/\d"))
+    try:
+        epoch.first.wait_for(timeout=15_000)
+    except playwright_api.TimeoutError:
+        pass  # the API statuses carry the assertion; the picture shows what the page had
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "preparing.png"))
+
+
+def _status(client: Client | None, url: str) -> tuple[Client | None, str | None]:
+    """The preparing page's status HTML (what its timer shows), or None when it is not answering."""
+    try:
+        client = client or Client(url, verbose=False)
+        return client, client.predict(api_name="/status")
+    except Exception:  # not up yet, or gone: the real page is taking over
+        return None, None
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_a_fresh_machine_builds_the_zoo_with_progress_in_the_page(tmp_path):
+    zoo, port = tmp_path / "zoo", free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "app.log"
+    command = [sys.executable, "app.py", "--zoo", str(zoo), "--families", "resnet18-shapes",
+               "--cache-dir", str(tmp_path / "cache"), "--port", str(port), "--build-steps", "2",
+               "--feature-steps", "8"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "2"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    statuses: list[str] = []
+    try:
+        with playwright_api.sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            client, deadline, shot = None, time.monotonic() + TIMEOUT, False
+            while not serves_the_space(url):
+                assert process.poll() is None, f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no Space after {TIMEOUT} s:\n{log.read_text()[-3000:]}"
+                client, status = _status(client, url)
+                if status:
+                    if not statuses:
+                        page.goto(url)
+                    statuses.append(status)
+                    if not shot and EPOCH_BAR.search(status):
+                        _screenshot_progress(page)
+                        shot = True
+                time.sleep(0.5)
+
+            # What the page showed: the zoo's stages and the epochs' steps, live.
+            assert any("zoo resnet18-shapes" in s and "<progress" in s for s in statuses), statuses[-1:]
+            assert shot, f"no epoch bar among {len(statuses)} status pages; last: {statuses[-1:]}"
+            assert any("training them now into" in s for s in statuses)
+            # The open page turns into the Space by itself.
+            page.wait_for_selector("#explain-image", timeout=60_000)
+            browser.close()
+
+        # The same address serves the Space, on the zoo it built.
+        assert is_complete(zoo / "resnet18-shapes")
+        assert read_config(zoo / "resnet18-shapes" / "fp32")["recipe"]["steps_per_epoch"] == 2
+        outputs = Client(url, verbose=False).predict(handle_file(str(photo_path(PHOTOS[0]))), "resnet18-shapes",
+                                                     "gradient", api_name="/explain")
+        assert len(outputs) == 3 * len(VARIANTS) + 1
+        assert "built here in" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
