@@ -78,6 +78,7 @@ class Bar:
 
 def live_bars() -> list[Bar]:
     """The tqdm bars open in this process now, outermost first."""
+    # tqdm's own registry of open bars (it positions nested bars by it); its lock guards it.
     with tqdm.get_lock():
         bars = sorted(tqdm._instances, key=lambda b: abs(getattr(b, "pos", 0)))
     return [Bar(str(b.desc or "working"), int(b.n), b.total, float(b.format_dict.get("elapsed", 0.0)))
