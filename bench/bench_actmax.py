@@ -12,9 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,9 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import activation_maximization, load_variant  # noqa: E402
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
+from timing import CLOCKS, measure  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,14 +48,11 @@ def main(argv: list[str] | None = None) -> None:
         size = config["architecture"]["input_size"]
         gradients = args.gradients if variant == "int8" else ["true"]
         for gradient in gradients:
-            times: dict[int, list[float]] = {n: [] for n in args.channels}
-            for _ in range(args.repeats):
-                for n in args.channels:
-                    start = clock()
-                    activation_maximization(model, args.layer, list(range(n)), steps=args.steps, size=size,
-                                            gradient=gradient, progress=lambda step, total: None)
-                    times[n].append((clock() - start) / args.steps)
-            per_step = {n: statistics.median(t) for n, t in times.items()}
+            runs = {n: (lambda n=n: activation_maximization(model, args.layer, list(range(n)), steps=args.steps,
+                                                            size=size, gradient=gradient,
+                                                            progress=lambda step, total: None))
+                    for n in args.channels}
+            per_step = {n: s / args.steps for n, s in measure(runs, args.repeats, clock, warmup=0).items()}
             base = per_step[args.channels[0]] / args.channels[0]
             for n in args.channels:
                 per_channel = per_step[n] / n

@@ -58,6 +58,7 @@ from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, r
 from surgery import compression  # noqa: E402
 from surgery.images import load_image  # noqa: E402
 from surgery.registry import build_model, get_family  # noqa: E402
+from timing import measure  # noqa: E402
 
 
 def stand_in_zoo(family_name: str) -> FamilyZoo:
@@ -93,12 +94,6 @@ def floor_once(zoo: FamilyZoo, x: torch.Tensor) -> float:
 
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
-
-
-def _seconds(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
 
 
 def _raw_call(http: httpx.Client, api: str, data: list) -> list:
@@ -161,7 +156,7 @@ def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> 
         family = next(iter(families))
         trivial = {"gradio_client": lambda: client.predict(family, api_name="/models"),
                    "raw": lambda: _raw_call(http, "models", [family])}
-        ms = {key: median_ms([_seconds(call) for _ in range(repeats + 2)][2:]) for key, call in trivial.items()}
+        ms = {key: 1e3 * seconds for key, seconds in measure(trivial, repeats, warmup=2).items()}
         print(f"\nRound trip of a request that computes nothing (`/models`, memoised): gradio_client "
               f"{ms['gradio_client']:.1f} ms, raw {ms['raw']:.1f} ms", flush=True)
     finally:

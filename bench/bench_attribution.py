@@ -20,9 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,9 +29,7 @@ from captum.attr import LayerAttribution, LayerGradCam, Saliency
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import explain, gradcam, load_variant, saliency  # noqa: E402
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
+from timing import CLOCKS, measure  # noqa: E402
 
 def captum_maps(model, x, target, layer):
     cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
@@ -46,18 +42,6 @@ def captum_same_outputs(model, x, layer):
     with torch.no_grad():
         probabilities = model(x).softmax(1)
     return probabilities, captum_maps(model, x, probabilities.argmax(1), layer)
-
-
-def measure(functions: dict, repeats: int, clock, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each function, calls interleaved round-robin."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for i in range(warmup + repeats):
-        for name, fn in functions.items():
-            start = clock()
-            fn()
-            if i >= warmup:
-                times[name].append((clock() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,12 +67,13 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
             with torch.no_grad():
                 target = model(x).argmax(1)
-            ms = measure({
+            seconds = measure({
                 "fused": lambda: explain(model, x),
                 "maps": lambda: captum_maps(model, x, target, model.layer4),
                 "same": lambda: captum_same_outputs(model, x, model.layer4),
                 "separate": lambda: (gradcam(model, x, target), saliency(model, x, target)),
-            }, args.repeats, CLOCKS[args.clock])
+            }, args.repeats, CLOCKS[args.clock], warmup=2)
+            ms = {name: 1e3 * value for name, value in seconds.items()}
             print(f"| {variant} | {batch} | {ms['fused']:.1f} | {ms['maps']:.1f} | {ms['maps'] / ms['fused']:.2f}x | "
                   f"{ms['same']:.1f} | {ms['same'] / ms['fused']:.2f}x | {ms['separate']:.1f} |", flush=True)
 

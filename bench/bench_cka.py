@@ -15,9 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import MinibatchCKA, cka  # noqa: E402
+from timing import measure  # noqa: E402
 
 WIDTHS = {"layer1.0": 64 * 16 * 16, "layer4.1": 512 * 4 * 4}
 
@@ -44,18 +43,6 @@ def minibatch(x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
     for xb, yb in zip(x.split(batch), y.split(batch)):
         acc.update(xb, yb)
     return float(acc.compute())
-
-
-def measure(functions: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for i in range(warmup + repeats):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
