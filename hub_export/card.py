@@ -41,11 +41,13 @@ _METRICS = (  # config["metrics"] key, model-index type, name
 )
 
 
-def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = None) -> ModelCard:
+def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = None,
+               deployment: dict[str, Any] | None = None) -> ModelCard:
     """The card of the variant described by ``config`` when pushed to ``repo_id``.
 
     ``base_model`` is the repo the variant was derived from (the family's FP32 repo for a
-    compressed variant), or None.
+    compressed variant), or None. ``deployment`` is the ``openvino.json`` of the IR uploaded with
+    it (:func:`hub_export.openvino.export`), or None: then the card has no OpenVINO section.
     """
     family = get_family(config["family"])
     dataset_id, dataset_name, split = DATASETS[family.dataset]
@@ -70,6 +72,7 @@ def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = No
     body = "\n".join([
         _summary(config, repo_id, base_model, family.description, dataset_name),
         _results(config),
+        *([_deployed_with_openvino(deployment, repo_id)] if deployment else []),
         _how_to_load(config, repo_id),
         _how_it_was_made(config, dataset_name, split),
         _limitations(kind),
@@ -102,6 +105,53 @@ def _results(config: dict) -> str:
     if "eval_samples" in metrics:
         rows.append(f"| Held-out images | {metrics['eval_samples']} |")
     return "## Results\n\n| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def _deployed_with_openvino(report: dict, repo_id: str) -> str:
+    """The "Deployed with OpenVINO" section, from the ``openvino.json`` the export wrote."""
+    folder = "openvino"  # hub_export.openvino.SUBFOLDER; the card module stays free of OpenVINO
+    stored = report["weights"]["stored"]
+    types = ", ".join(f"{kind} ({count} layers)" for kind, count in sorted(stored.items()))
+    requested = report["weights"].get("requested_bits")
+    narrower = (f" The variant's {requested}-bit weights are stored as 4-bit integers: OpenVINO has no "
+                "narrower type." if requested is not None and requested < 4 else "")
+    rows = [("Weights stored as (convolutions and the classifier)", types),
+            ("`model.bin`", f"{report['files']['model.bin'] / 1e6:.2f} MB"),
+            ("`model.safetensors` (PyTorch)", f"{report['source']['safetensors_bytes'] / 1e6:.2f} MB")]
+    sparse = report.get("sparse_storage")
+    if sparse:
+        rows += [("`model.bin` deflated (zip)", f"{sparse['deflate_bytes'] / 1e6:.2f} MB"),
+                 ("Bitmask + non-zero values", f"{sparse['bitmask_bytes'] / 1e6:.2f} MB")]
+    measured = report.get("measured")
+    if measured:
+        rows += [("Latency, batch 1 (median)", f"{measured['latency_ms_batch1']:.2f} ms"),
+                 ("Throughput, batch 32 (median)", f"{measured['throughput_batch32']:.1f} images/s")]
+        if measured.get("agreement_with_pytorch") is not None:
+            rows.append(("Same top-1 as the PyTorch model", f"{measured['agreement_with_pytorch']:.2%} of "
+                         f"{measured['agreement_images']} held-out images"))
+        rows.append(("Machine", f"{measured['machine']}; {measured['threads']} threads, "
+                     f"{measured['inference_precision']} inference precision"))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    size = report["input"]["shape"][-1]
+    return (
+        "## Deployed with OpenVINO\n\n"
+        f"`{folder}/` holds this variant as OpenVINO {report['openvino_version']} IR (`model.xml`, "
+        f"`model.bin`) and `openvino.json`, what its export stored and measured.{narrower}\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
+        "Run it with `openvino` alone (no PyTorch, no NNCF):\n\n"
+        "```python\n"
+        "import json\n\n"
+        "import numpy as np\n"
+        "import openvino as ov\n"
+        "from huggingface_hub import snapshot_download\n\n"
+        f'folder = snapshot_download("{repo_id}", allow_patterns=["{folder}/*"]) + "/{folder}"\n'
+        'model = ov.Core().compile_model(f"{folder}/model.xml", "CPU")\n'
+        'class_names = json.load(open(f"{folder}/openvino.json"))["class_names"]\n'
+        f"images = np.random.rand(2, 3, {size}, {size}).astype(np.float32)  "
+        "# RGB in [0, 1], NCHW; the model normalises inside\n"
+        "logits = model(images)[0]\n"
+        "print([class_names[i] for i in logits.argmax(axis=1)])\n"
+        "```\n")
 
 
 def _how_to_load(config: dict, repo_id: str) -> str:

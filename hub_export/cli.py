@@ -1,4 +1,5 @@
-"""``python -m hub_export``: ``push`` one variant or ``push-zoo`` all variants of a family."""
+"""``python -m hub_export``: ``push`` one variant or ``push-zoo`` all variants of a family;
+``openvino`` / ``openvino-zoo`` export them to OpenVINO IR (:mod:`hub_export.openvino`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import httpx2
 from huggingface_hub import constants
 from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 
+from hub_export import openvino
 from hub_export.push import push, stage, zoo_uploads
 from surgery.checkpoint import CheckpointError
 
@@ -32,13 +34,51 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--revision", help="branch to push to (created if missing); default: main")
         s.add_argument("--dry-run", type=Path, metavar="DIR",
                        help="write what would be uploaded under DIR instead of pushing")
+        s.add_argument("--with-openvino", action="store_true",
+                       help=f"also upload the OpenVINO IR (and its measured figures) in {openvino.SUBFOLDER}/")
+    _add_openvino_commands(sub)
     return p
+
+
+def _add_openvino_commands(sub: argparse._SubParsersAction) -> None:
+    one = sub.add_parser("openvino", help="export one variant to OpenVINO IR (model.xml, model.bin, openvino.json)")
+    one.add_argument("checkpoint", type=Path, help="a variant directory (config.json + model.safetensors)")
+    zoo = sub.add_parser("openvino-zoo", help="export every variant of a zoo to OpenVINO IR, one folder each")
+    zoo.add_argument("zoo", type=Path, help="a zoo directory as written by `python -m training zoo`")
+    for s in (one, zoo):
+        s.add_argument("--out", type=Path, required=True, help="output directory")
+        s.add_argument("--no-measure", action="store_true",
+                       help="only convert: no latency, throughput or agreement measurement")
+        s.add_argument("--eval-images", type=int, default=openvino.DEFAULT_EVAL_IMAGES,
+                       help="held-out images for the agreement with the PyTorch variant (default: %(default)s)")
+
+
+def _openvino_main(args: argparse.Namespace) -> int:
+    """Export one variant or a zoo; logs what each IR stores and what it measured."""
+    options = {"measure_speed": not args.no_measure, "eval_images": args.eval_images}
+    if args.command == "openvino":
+        reports = {args.checkpoint.name: openvino.export(args.checkpoint, args.out, **options)}
+    else:
+        reports = openvino.export_zoo(args.zoo, args.out, **options)
+    for name, report in reports.items():
+        figures = openvino.summary(report)
+        logger.info("%s: weights stored as %s, model.bin %.2f MB, deployable %.2f MB, latency %s ms, "
+                    "%s images/s, agreement with PyTorch %s", name, figures["stored_weights"],
+                    figures["ir_bytes"] / 1e6, figures["deployable_bytes"] / 1e6,
+                    _fmt(figures["latency_ms"]), _fmt(figures["throughput"]), _fmt(figures["agreement_with_pytorch"]))
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("openvino", "openvino-zoo"):
+            return _openvino_main(args)
         if args.command == "push":
             uploads = [(args.checkpoint, args.repo_id, args.base_model)]
         else:
@@ -46,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         for checkpoint, repo_id, base_model in uploads:
             if args.dry_run is not None:
                 out = args.dry_run if args.command == "push" else args.dry_run / repo_id.split("/")[-1]
-                stage(checkpoint, repo_id, out, base_model)
+                stage(checkpoint, repo_id, out, base_model, with_openvino=args.with_openvino)
             else:
-                push(checkpoint, repo_id, private=args.private, revision=args.revision, base_model=base_model)
+                push(checkpoint, repo_id, private=args.private, revision=args.revision, base_model=base_model,
+                     with_openvino=args.with_openvino)
     except CheckpointError as exc:
         logger.error("%s", exc)
         return 2

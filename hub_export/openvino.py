@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -300,24 +299,33 @@ def read_report(directory: str | Path) -> dict[str, Any]:
 _CACHE_LOCK = threading.Lock()
 
 
+def _cache_folder(config: dict, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "openvino" / f"{config['weights']['sha256'][:32]}-ov{OPENVINO_VERSION}"
+
+
+def cached_report(config: dict, cache_dir: str | Path) -> dict[str, Any] | None:
+    """The cached ``openvino.json`` of the variant with this ``config.json``, or None."""
+    try:
+        return read_report(_cache_folder(config, cache_dir))
+    except DeployError:
+        return None
+
+
 def deployed_figures(model: nn.Module, config: dict, cache_dir: str | Path, eval_images: int = 64) -> dict[str, Any]:
     """The OpenVINO report of a loaded variant, exported and measured once per weights and cached on disk.
 
     The cache key is the SHA-256 of the weights (verified when the variant was loaded) and the
     OpenVINO version; a cached report is returned without converting anything. ``model`` is
-    deep-copied before tracing, so a model shared with other threads is only read.
+    traced: pass one that no other thread uses meanwhile (a copy of a shared model).
     """
-    folder = Path(cache_dir) / "openvino" / f"{config['weights']['sha256'][:32]}-ov{OPENVINO_VERSION}"
+    folder = _cache_folder(config, cache_dir)
     with _CACHE_LOCK:  # one export at a time: each uses every core
-        try:
-            return read_report(folder)
-        except DeployError:
-            pass
-        with compression.forward_lock(model):
-            private = copy.deepcopy(model)
+        report = cached_report(config, cache_dir)
+        if report is not None:
+            return report
         partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        export_model(private, config, partial, images=held_out_images(config, eval_images))
+        export_model(model, config, partial, images=held_out_images(config, eval_images))
         partial.replace(folder)  # the whole folder or none: an interrupted export leaves no report
         return read_report(folder)
 

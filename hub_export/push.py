@@ -4,7 +4,10 @@ A push uploads exactly :data:`UPLOAD_FILES`: the two files of the checkpoint for
 (config, SHA-256 and safetensors metadata), and ``README.md`` from :func:`hub_export.card.model_card`.
 :func:`stage` writes that folder; a dry run stops there, a push uploads it with
 ``create_repo(exist_ok=True)`` and ``upload_folder``. The token comes from where ``huggingface_hub``
-looks for it (``HF_TOKEN``, ``hf auth login``).
+looks for it (``HF_TOKEN``, ``hf auth login``). ``with_openvino`` adds the variant's OpenVINO IR
+(:func:`hub_export.openvino.export`) in the subfolder ``openvino/``, and the card its measured
+figures; ``surgery.load_variant`` still downloads only the checkpoint's two files. Those figures
+are measured anew by every stage, so with the IR a dry run and a push differ in them.
 
 Example:
     >>> stage("zoo/int8", "my-org/resnet18-shapes-int8", "dry-run/int8",
@@ -23,6 +26,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.utils import validate_repo_id
 
+from hub_export import openvino
 from hub_export.card import model_card
 from surgery.checkpoint import CONFIG_FILE, FILES, CheckpointError, read_config, read_weights
 
@@ -42,7 +46,8 @@ class Upload:
     base_model: str | None
 
 
-def stage(checkpoint: str | Path, repo_id: str, out: str | Path, base_model: str | None = None) -> Path:
+def stage(checkpoint: str | Path, repo_id: str, out: str | Path, base_model: str | None = None,
+          with_openvino: bool = False) -> Path:
     """Write the folder that a push of ``checkpoint`` to ``repo_id`` uploads; returns it.
 
     Raises :class:`~surgery.checkpoint.CheckpointError` if the checkpoint is not valid, or if
@@ -53,25 +58,27 @@ def stage(checkpoint: str | Path, repo_id: str, out: str | Path, base_model: str
     config = read_config(checkpoint)
     read_weights(checkpoint, config)  # refuse to publish a truncated or tampered checkpoint
     out.mkdir(parents=True, exist_ok=True)
-    strays = sorted(p.name for p in out.iterdir() if p.name not in UPLOAD_FILES)
+    allowed = (*UPLOAD_FILES, openvino.SUBFOLDER) if with_openvino else UPLOAD_FILES
+    strays = sorted(p.name for p in out.iterdir() if p.name not in allowed)
     if strays:
         raise CheckpointError(f"{out}: holds {', '.join(strays)}; stage into an empty directory")
     for name in FILES:
         shutil.copyfile(checkpoint / name, out / name)
-    model_card(config, repo_id, base_model).save(out / README)
+    deployment = openvino.export(checkpoint, out / openvino.SUBFOLDER) if with_openvino else None
+    model_card(config, repo_id, base_model, deployment=deployment).save(out / README)
     logger.info("staged %s for %s in %s", checkpoint, repo_id, out)
     return out
 
 
 def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         base_model: str | None = None) -> str:
+         base_model: str | None = None, with_openvino: bool = False) -> str:
     """Create ``repo_id`` if needed and upload the variant to ``revision`` (default branch if None).
 
     Returns the URL of the commit. ``private`` applies when the repo is created.
     """
     api = HfApi()
     with tempfile.TemporaryDirectory(prefix="hub_export-") as tmp:
-        folder = stage(checkpoint, repo_id, tmp, base_model)
+        folder = stage(checkpoint, repo_id, tmp, base_model, with_openvino)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -105,7 +112,9 @@ def zoo_uploads(zoo: str | Path, org: str) -> list[Upload]:
             for d, c in configs.items()]
 
 
-def push_zoo(zoo: str | Path, org: str, *, private: bool = False, revision: str | None = None) -> list[str]:
+def push_zoo(zoo: str | Path, org: str, *, private: bool = False, revision: str | None = None,
+             with_openvino: bool = False) -> list[str]:
     """Push every variant of ``zoo`` (see :func:`zoo_uploads`); returns the commit URLs."""
-    return [push(u.checkpoint, u.repo_id, private=private, revision=revision, base_model=u.base_model)
+    return [push(u.checkpoint, u.repo_id, private=private, revision=revision, base_model=u.base_model,
+                 with_openvino=with_openvino)
             for u in zoo_uploads(zoo, org)]

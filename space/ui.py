@@ -6,7 +6,8 @@ Each tab's action has a stable API name for ``gradio_client``:
   a GradCAM overlay and a saliency map, then a table of each compressed variant against FP32;
 - ``/features`` (family, layer, channels, steps): activation-maximisation images per variant;
 - ``/representations`` (family): CKA heatmaps layer x layer and a short reading;
-- ``/models`` (family): accuracy, agreement, sparsity, size, source and loading code per variant.
+- ``/models`` (family): accuracy, agreement, sparsity, size, source and loading code per variant,
+  and its OpenVINO size and speed on this machine (:mod:`space.deployment`).
 
 Bad input never reaches a traceback: every handler turns ``ValueError`` (``ImageError`` included)
 into a ``gr.Error`` with its message, and anything unexpected into a short message while the
@@ -32,7 +33,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from space import render
+from space import deployment, render
 from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_STEPS, MIN_STEPS,
                            SALIENCY_METHODS, TOP_K, Session)
 from space.zoo_source import CONTROL, VARIANTS
@@ -140,6 +141,7 @@ class Handlers:
     def __init__(self, session: Session, maps_dir: Path) -> None:
         self.session = session
         self.maps_dir = Path(maps_dir)
+        self.deployment = deployment.DeploymentColumns(session)
 
     def _family(self, family: str) -> str:
         self.session.zoo(family)  # raises ValueError for a family that is not loaded
@@ -191,6 +193,7 @@ class Handlers:
         family = self._family(family)
         zoo = self.session.zoo(family)
         rows, code = [], []
+        deployed, note = self.deployment.cells(family)
         for name, variant in zoo.variants.items():
             metrics = variant.config.get("metrics", {})
             link = (f"[{variant.repo_id}](https://huggingface.co/{variant.repo_id})" if variant.repo_id
@@ -198,11 +201,11 @@ class Handlers:
             rows.append([TITLES.get(name, name), _number(metrics.get("top1")),
                          _number(metrics.get("agreement_with_fp32")),
                          _number(self.session.sparsity(family, name)),
-                         round(variant.config["weights"]["bytes"] / 1e6, 2), link])
+                         round(variant.config["weights"]["bytes"] / 1e6, 2), link, *deployed[name]])
             code.append(f'{name.replace("-", "_")} = load_variant("{variant.repo_id or variant.location}")')
         snippet = ("```python\nfrom surgery import load_variant\n\n" + "\n".join(code)
                    + "\nmodel, config = fp32  # each is (model in eval mode, its config.json)\n```")
-        return rows, f"Models of **{family}**, from {zoo.origin}.\n\n{snippet}"
+        return rows, f"Models of **{family}**, from {zoo.origin}. {note}\n\n{snippet}"
 
 
 def _source_banner(session: Session) -> str:
@@ -288,8 +291,9 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
 
         with gr.Tab("Models"):
             m_family = gr.Dropdown(families, value=first, label="Model family")
-            m_table = gr.Dataframe(headers=MODEL_HEADERS, datatype=["str", "number", "number", "number",
-                                                                    "number", "markdown"],
+            m_table = gr.Dataframe(headers=MODEL_HEADERS + deployment.HEADERS,
+                                   datatype=["str", "number", "number", "number", "number", "markdown",
+                                             *deployment.DATATYPES],
                                    interactive=False, label="Variants")
             m_code = gr.Markdown()
             m_family.change(h.models, m_family, [m_table, m_code], api_name="models")
