@@ -193,7 +193,6 @@ class Handlers:
         family = self._family(family)
         zoo = self.session.zoo(family)
         rows, code = [], []
-        deployed, note = self.deployment.cells(family)
         for name, variant in zoo.variants.items():
             metrics = variant.config.get("metrics", {})
             link = (f"[{variant.repo_id}](https://huggingface.co/{variant.repo_id})" if variant.repo_id
@@ -201,10 +200,12 @@ class Handlers:
             rows.append([TITLES.get(name, name), _number(metrics.get("top1")),
                          _number(metrics.get("agreement_with_fp32")),
                          _number(self.session.sparsity(family, name)),
-                         round(variant.config["weights"]["bytes"] / 1e6, 2), link, *deployed[name]])
+                         round(variant.config["weights"]["bytes"] / 1e6, 2), link])
             code.append(f'{name.replace("-", "_")} = load_variant("{variant.repo_id or variant.location}")')
         snippet = ("```python\nfrom surgery import load_variant\n\n" + "\n".join(code)
                    + "\nmodel, config = fp32  # each is (model in eval mode, its config.json)\n```")
+        deployed, note = self.deployment.cells(family)  # OpenVINO size and speed (space/deployment.py)
+        rows = [row + deployed[name] for row, name in zip(rows, zoo.variants)]
         return rows, f"Models of **{family}**, from {zoo.origin}. {note}\n\n{snippet}"
 
 
