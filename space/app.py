@@ -16,11 +16,16 @@ Example (in a test, without blocking):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
-import gradio as gr
+if importlib.util.find_spec("gradio") is None:  # `pip install compressed-cnn-surgery` without the extra
+    raise ModuleNotFoundError("the Space needs Gradio: pip install \"compressed-cnn-surgery[space]\" "
+                              "(or -r requirements.txt)", name="gradio")
+
+import gradio as gr  # noqa: E402
 
 from space.examples import write_examples
 from space.preparing import StartupLog, preparing_page

@@ -81,7 +81,7 @@ class Settings:
     actmax_channels: int = 6
     actmax_steps: int = 128
     shown: int = 6  # images drawn with their maps
-    device: str = "auto"  # resolved (and recorded) as cpu, cuda:0, ...
+    device: str | None = None  # None: $SURGERY_DEVICE, else auto; resolved (and recorded) as cpu, cuda:0, ...
     data_root: str | None = None  # families other than shapes read their data here
 
     def validate(self) -> None:
@@ -552,7 +552,7 @@ _HELP = {
     "actmax_channels": "channels of the GradCAM layer to visualise",
     "actmax_steps": "optimisation steps of activation maximisation",
     "shown": "images drawn with their maps",
-    "device": "auto (a CUDA GPU when present), cpu, cuda, cuda:N",
+    "device": "auto (a CUDA GPU when present), cpu, cuda, cuda:N (env SURGERY_DEVICE; default auto)",
     "data_root": "data of families other than shapes (cifar10, imagenet)",
 }
 
