@@ -69,11 +69,13 @@ def installed(tmp_path_factory, request) -> SimpleNamespace:
     done = _run([str(venv / "bin" / "pip"), "install", "-q", str(source)], cwd=root, env=_clean_env(venv))
     assert done.returncode == 0, done.stderr[-4000:]
     seconds = time.perf_counter() - started
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     message = f"fresh venv + pip install of the checkout: {seconds:.0f} s"
     logger.info(message)
-    if reporter is not None:
-        reporter.write_line(f"\n[test_install] {message}")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # shown even when the test passes
+            reporter.write_line(f"\n[test_install] {message}")
     outside = root / "elsewhere"
     outside.mkdir()
     return SimpleNamespace(venv=venv, python=str(venv / "bin" / "python"), source=source, outside=outside,
