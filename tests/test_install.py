@@ -49,10 +49,16 @@ def _run(command: list[str] | str, *, cwd: Path, env: dict | None = None, timeou
 
 
 def _clean_env(venv: Path, **extra: str) -> dict:
-    """An environment that knows nothing of the checkout: no PYTHONPATH, the venv first on PATH."""
+    """An environment that knows nothing of the checkout: no PYTHONPATH, the venv first on PATH.
+
+    NNCF's compiled extension gets a directory of its own: torch keys the build by its compiler
+    flags, which name the venv's include paths, so sharing the default one with another venv would
+    recompile it (~30 s) at every switch between them, here and in every other process on the machine.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "VIRTUAL_ENV"))}
     env |= {"PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", "VIRTUAL_ENV": str(venv),
-            "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+            "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "TORCH_EXTENSIONS_DIR": str(venv.parent / "torch-extensions")}
     return env | extra
 
 
