@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import activation_maximization, load_variant  # noqa: E402
-from timing import CLOCKS, measure  # noqa: E402
+from surgery.devices import faithful, resolve_device  # noqa: E402
+from timing import CLOCKS, measure, synchronizer  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,17 +35,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env SURGERY_DEVICE; default auto)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
+    device = resolve_device(args.device)
+    faithful(device)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, {args.layer}, "
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads, {args.clock} clock, {args.layer}, "
           f"{args.steps} steps, "
           f"median of {args.repeats}\n")
     print("| variant | gradient | channels | s per step | ms per step per channel | per-channel ratio to 1 |")
     print("|---|---|---|---|---|---|")
     for variant in args.variants:
-        model, config = load_variant(args.zoo / variant)
+        model, config = load_variant(args.zoo / variant, device=device)
         size = config["architecture"]["input_size"]
         gradients = args.gradients if variant == "int8" else ["true"]
         for gradient in gradients:
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             size=size, gradient=gradient,
                                                             progress=lambda step, total: None))
                     for n in args.channels}
-            per_step = {n: s / args.steps for n, s in measure(runs, args.repeats, clock, warmup=0).items()}
+            per_step = {n: s / args.steps for n, s in measure(runs, args.repeats, clock, warmup=0, sync=synchronizer(device)).items()}
             base = per_step[args.channels[0]] / args.channels[0]
             for n in args.channels:
                 per_channel = per_step[n] / n

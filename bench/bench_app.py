@@ -56,6 +56,7 @@ from space.session import Session  # noqa: E402
 from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
 from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
 from surgery import compression  # noqa: E402
+from surgery.devices import faithful, resolve_device  # noqa: E402
 from surgery.images import load_image  # noqa: E402
 from surgery.registry import build_model, get_family  # noqa: E402
 from timing import measure  # noqa: E402
@@ -80,15 +81,17 @@ def stand_in_zoo(family_name: str) -> FamilyZoo:
 
 
 def floor_once(zoo: FamilyZoo, x: torch.Tensor) -> float:
-    """One forward and one backward to the input per variant: what any Explain must at least do."""
+    """One forward and one backward to the input per variant: what any Explain must at least do
+    (the image moved to the models' device and the input gradient back, as a request does)."""
     started = time.perf_counter()
     for variant in zoo.variants.values():
         if variant.name not in VARIANTS:
             continue
-        image = x[None].clone().requires_grad_(True)
+        device = next(variant.model.parameters()).device
+        image = x[None].to(device).requires_grad_(True)
         with compression.forward_lock(variant.model):
             logits = variant.model(image)
-        torch.autograd.grad(logits[0, logits[0].argmax()], image)
+        torch.autograd.grad(logits[0, logits[0].argmax()], image)[0].cpu()
     return time.perf_counter() - started
 
 
@@ -116,8 +119,8 @@ def raw_explain(http: httpx.Client, photo: Path, family: str, pool: ThreadPoolEx
     list(pool.map(lambda url: http.get(url).raise_for_status().content, urls))
 
 
-def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int) -> None:
-    session = Session(families, cache_dir=Path(tempfile.mkdtemp(prefix="bench-space-")))
+def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int, device: torch.device) -> None:
+    session = Session(families, cache_dir=Path(tempfile.mkdtemp(prefix="bench-space-")), device=device)
     demo = build_demo(session, examples=[photo])
     handlers = Handlers(session, Path(tempfile.mkdtemp(prefix="bench-maps-")))
     demo.launch(prevent_thread_lock=True, quiet=True)
@@ -218,18 +221,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--startup", action="store_true", help="also time python app.py to first answer")
     parser.add_argument("--startup-repeats", type=int, default=3)
+    parser.add_argument("--device", help="the Space's device: cpu, cuda, cuda:N or auto (env SURGERY_DEVICE; "
+                                          "default auto)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    faithful(device)
     photo = photo_path(PHOTOS[1])  # chelsea
     families = {}
     for name in args.families:
         local = args.zoo and name == "resnet18-shapes"
         families[name] = (resolve(SourceConfig(families=(name,), zoo=args.zoo, source="local"))[name] if local
                           else stand_in_zoo(name))
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, load average "
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads, {os.cpu_count()} CPUs visible, load average "
           f"{os.getloadavg()[0]:.1f} at start, image {photo.name}, gradient saliency, median of {args.repeats}\n")
     if families:
-        explain_table(families, photo, args.repeats)
+        explain_table(families, photo, args.repeats, device)
     if args.startup:
         if not args.zoo:
             parser.error("--startup needs --zoo (python app.py serves a real zoo)")

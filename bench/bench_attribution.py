@@ -29,7 +29,8 @@ from captum.attr import LayerAttribution, LayerGradCam, Saliency
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import explain, gradcam, load_variant, saliency  # noqa: E402
-from timing import CLOCKS, measure  # noqa: E402
+from surgery.devices import faithful, resolve_device  # noqa: E402
+from timing import CLOCKS, measure, synchronizer  # noqa: E402
 
 def captum_maps(model, x, target, layer):
     cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
@@ -51,20 +52,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env SURGERY_DEVICE; default auto)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: process CPU time, steadier than wall time on a machine shared with other jobs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    faithful(device)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {args.repeats}\n")
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads, {args.clock} clock, "
+          f"median of {args.repeats}\n")
     print("| variant | batch | fused explain (ms) | Captum maps (ms) | speed-up | Captum same outputs (ms) | "
           "speed-up | surgery gradcam + saliency (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for variant in args.variants:
-        model, config = load_variant(args.zoo / variant)
+        model, config = load_variant(args.zoo / variant, device=device)
         size = config["architecture"]["input_size"]
         for batch in args.batch:
-            x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+            x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).to(device)
             with torch.no_grad():
                 target = model(x).argmax(1)
             seconds = measure({
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 "maps": lambda: captum_maps(model, x, target, model.layer4),
                 "same": lambda: captum_same_outputs(model, x, model.layer4),
                 "separate": lambda: (gradcam(model, x, target), saliency(model, x, target)),
-            }, args.repeats, CLOCKS[args.clock], warmup=2)
+            }, args.repeats, CLOCKS[args.clock], warmup=2, sync=synchronizer(device))
             ms = {name: 1e3 * value for name, value in seconds.items()}
             print(f"| {variant} | {batch} | {ms['fused']:.1f} | {ms['maps']:.1f} | {ms['maps'] / ms['fused']:.2f}x | "
                   f"{ms['same']:.1f} | {ms['same'] / ms['fused']:.2f}x | {ms['separate']:.1f} |", flush=True)

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import MinibatchCKA, cka  # noqa: E402
-from timing import measure  # noqa: E402
+from surgery.devices import faithful, resolve_device  # noqa: E402
+from timing import measure, synchronizer  # noqa: E402
 
 WIDTHS = {"layer1.0": 64 * 16 * 16, "layer4.1": 512 * 4 * 4}
 
@@ -51,18 +52,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", help="where the features live: cpu, cuda, cuda:N or auto "
+                                          "(env SURGERY_DEVICE; default auto)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    x, y = features(args.images)
+    device = resolve_device(args.device)
+    faithful(device)
+    x, y = (t.to(device) for t in features(args.images))
     n = args.images
 
     functions = {"full linear CKA": lambda: cka(x, y), "full debiased CKA": lambda: cka(x, y, debiased=True)}
     functions.update({f"minibatch CKA, batch {b}": (lambda b=b: minibatch(x, y, b)) for b in args.batch})
     values = {name: fn() for name, fn in functions.items()}
-    medians = measure(functions, args.repeats)
+    medians = measure(functions, args.repeats, sync=synchronizer(device))
     baseline = medians["full linear CKA"]
 
-    print(f"torch {torch.__version__}, {args.threads} threads, {n} images, features {WIDTHS['layer1.0']} vs "
+    print(f"torch {torch.__version__}, {device}, {args.threads} threads, {n} images, features {WIDTHS['layer1.0']} vs "
           f"{WIDTHS['layer4.1']}, median of {args.repeats}\n")
     print("| estimator | images/s | ratio to full linear CKA | largest Gram (KiB) | CKA |")
     print("|---|---|---|---|---|")

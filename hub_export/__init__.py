@@ -10,6 +10,7 @@ Example:
 """
 
 from hub_export.card import model_card
-from hub_export.push import UPLOAD_FILES, Upload, push, push_zoo, stage, zoo_uploads
+from hub_export.push import UPLOAD_FILES, PushError, Upload, push, push_variant, push_zoo, stage, zoo_uploads
 
-__all__ = ["UPLOAD_FILES", "Upload", "model_card", "push", "push_zoo", "stage", "zoo_uploads"]
+__all__ = ["UPLOAD_FILES", "PushError", "Upload", "model_card", "push", "push_variant", "push_zoo", "stage",
+           "zoo_uploads"]

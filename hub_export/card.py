@@ -21,6 +21,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from surgery.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from surgery.project import INSTALL_COMMAND, REPOSITORY
 from surgery.registry import get_family
 
 LICENSE = "apache-2.0"
@@ -155,18 +156,25 @@ def _deployed_with_openvino(report: dict, repo_id: str) -> str:
 
 
 def _how_to_load(config: dict, repo_id: str) -> str:
+    """Install command first, then code that runs as it stands (``tests/test_install.py`` runs it)."""
     size = config["architecture"]["input_size"]
     return (
         "## How to load\n\n"
-        "With this project's `surgery` package installed:\n\n"
+        "Install this project's package `surgery` (from its Git repository; it brings PyTorch, NNCF and the "
+        "Hugging Face Hub client, not the demo app's Gradio):\n\n"
+        "```bash\n"
+        f"{INSTALL_COMMAND}\n"
+        "```\n\n"
         "```python\n"
         "import torch\n"
         "import surgery\n\n"
-        f'model, config = surgery.load_variant("{repo_id}")  # eval mode; add revision="..." to pin\n'
+        f'model, config = surgery.load_variant("{repo_id}")  # eval mode on the CPU; device="cuda" for a GPU\n'
         f"images = torch.rand(2, 3, {size}, {size})  # RGB in [0, 1]; the model normalises inside\n"
         "predictions = model(images).argmax(dim=1)\n"
         'print([config["class_names"][i] for i in predictions])\n'
         "```\n\n"
+        f'With the package\'s dependencies installed, `torch.hub.load("{REPOSITORY}", "variant", '
+        f'repo_id="{repo_id}")` returns the same `(model, config)`.\n\n'
         f"Only `{CONFIG_FILE}` and `{WEIGHTS_FILE}` are downloaded (into the usual Hugging Face cache; "
         "`HF_HUB_OFFLINE=1` then loads from it). No pickle is read and no code from the repo runs: the "
         "architecture is rebuilt from the config, the weights are checked against the SHA-256 it records, "

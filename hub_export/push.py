@@ -23,7 +23,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi
+import httpx2
+from huggingface_hub import HfApi, constants, get_token
+from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 from huggingface_hub.utils import validate_repo_id
 
 from hub_export import openvino
@@ -35,6 +37,13 @@ logger = logging.getLogger(__name__)
 README = "README.md"
 UPLOAD_FILES = (*FILES, README)
 FP32_VARIANT = "fp32"  # the zoo directory the compressed variants are derived from
+
+
+class PushError(ValueError):
+    """A push that cannot be made (no token, bad organisation, Hub refused or unreachable).
+
+    A ``ValueError``, so command-line tools report it as one message (exit status 2).
+    """
 
 
 @dataclass(frozen=True)
@@ -118,3 +127,47 @@ def push_zoo(zoo: str | Path, org: str, *, private: bool = False, revision: str 
     return [push(u.checkpoint, u.repo_id, private=private, revision=revision, base_model=u.base_model,
                  with_openvino=with_openvino)
             for u in zoo_uploads(zoo, org)]
+
+
+def check_can_push(org: str, family: str) -> None:
+    """Fail before any work when a later push to ``ORG/<family>-...`` certainly cannot happen.
+
+    Checks the repo id's form and that a token is configured (``HF_TOKEN`` or ``hf auth login``);
+    whether the token may write to ``org`` only the Hub can tell, at the first push.
+    """
+    try:
+        validate_repo_id(f"{org}/{family}-{FP32_VARIANT}")
+    except HFValidationError as exc:
+        raise PushError(f"--push-to-hub {org!r}: not a valid Hub user or organisation name ({exc})") from None
+    if get_token() is None:
+        raise PushError(f"--push-to-hub {org}: no Hub token found; set HF_TOKEN or run `hf auth login` "
+                        "with a token that may write to it")
+
+
+def push_variant(zoo: str | Path, name: str, org: str, *, private: bool = False,
+                 revision: str | None = None) -> str:
+    """Push the variant directory ``ZOO/NAME`` to ``ORG/<family>-<variant>`` with its card, as
+    :func:`push_zoo` would push it (a compressed variant names the zoo's FP32 repo as base model).
+
+    What ``python -m training zoo --push-to-hub ORG`` calls after each variant is built and
+    evaluated. Returns the commit URL; raises :class:`PushError` with one clear message.
+
+    Example:
+        >>> push_variant("zoo/resnet18-shapes", "int8", "my-org")   # my-org/resnet18-shapes-int8
+    """
+    upload = next((u for u in zoo_uploads(zoo, org) if u.checkpoint.name == name), None)
+    if upload is None:
+        raise CheckpointError(f"{Path(zoo) / name}: no variant directory (with {CONFIG_FILE}) to push")
+    try:
+        return push(upload.checkpoint, upload.repo_id, private=private, revision=revision,
+                    base_model=upload.base_model)
+    except HFValidationError as exc:
+        raise PushError(f"push of {upload.checkpoint} to {upload.repo_id}: {exc}") from None
+    except HfHubHTTPError as exc:
+        denied = exc.response.status_code in (401, 403)
+        hint = "; a write token comes from HF_TOKEN or `hf auth login`" if denied else ""
+        raise PushError(f"push of {upload.checkpoint} to {upload.repo_id} on {constants.ENDPOINT} failed: "
+                        f"{exc}{hint}") from None
+    except httpx2.TransportError as exc:
+        raise PushError(f"push of {upload.checkpoint} to {upload.repo_id}: cannot reach the Hub at "
+                        f"{constants.ENDPOINT} ({exc}); check the network or HF_ENDPOINT") from None

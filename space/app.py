@@ -16,17 +16,23 @@ Example (in a test, without blocking):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
-import gradio as gr
+if importlib.util.find_spec("gradio") is None:  # `pip install compressed-cnn-surgery` without the extra
+    raise ModuleNotFoundError("the Space needs Gradio: pip install \"compressed-cnn-surgery[space]\" "
+                              "(or -r requirements.txt)", name="gradio")
+
+import gradio as gr  # noqa: E402
 
 from space.examples import write_examples
 from space.preparing import StartupLog, preparing_page
 from space.session import DEFAULT_STEPS, Session
 from space.ui import CSS, build_demo
 from space.zoo_source import SOURCES, SourceConfig, SourceError, resolve
+from surgery.devices import ENV as DEVICE_ENV, faithful, resolve_device
 from surgery.images import MAX_FILE_BYTES
 
 logger = logging.getLogger("space")
@@ -53,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    default=int(os.environ.get("SURGERY_BUILD_STEPS", "0")) or None,
                    help="when the zoo is built here, cap every training epoch at this many steps: a quick "
                         "smoke build whose models are barely trained (env SURGERY_BUILD_STEPS)")
+    p.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"),
+                   help="where models run: auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N "
+                        f"(env {DEVICE_ENV})")
     p.add_argument("--host", default=None, help="address to listen on (Gradio's default, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="port (Gradio's default, or GRADIO_SERVER_PORT)")
     return p
@@ -67,7 +76,9 @@ def _create(args: argparse.Namespace) -> tuple[gr.Blocks, dict]:
     config = SourceConfig.from_env(hub_org=args.hub_org, families=args.families, zoo=args.zoo,
                                    source=args.source, revision=args.revision)
     cache = Path(args.cache_dir)
-    session = Session(resolve(config, build_steps=args.build_steps), cache_dir=cache)
+    device = resolve_device(args.device)  # before any model loads: a bad --device fails at once
+    faithful(device)
+    session = Session(resolve(config, build_steps=args.build_steps), cache_dir=cache, device=device)
     first = next(iter(session.families))
     logger.info("precomputing the Features tab's first view for %s", first)
     session.precompute(first, args.feature_steps)

@@ -31,7 +31,7 @@ import json
 import logging
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from surgery.actmax import activation_maximization
 from surgery.attribution import explain
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, Variant
 from surgery.data import ShapesDataset, build_dataset
+from surgery.devices import faithful, resolve_device
 from surgery.loading import load_variant
 from surgery.registry import ModelFamily, get_family
 from surgery.scoring import deletion_insertion, energy_in_mask, pointing_game
@@ -80,7 +81,7 @@ class Settings:
     actmax_channels: int = 6
     actmax_steps: int = 128
     shown: int = 6  # images drawn with their maps
-    device: str = "cpu"
+    device: str | None = None  # None: $SURGERY_DEVICE, else auto; resolved (and recorded) as cpu, cuda:0, ...
     data_root: str | None = None  # families other than shapes read their data here
 
     def validate(self) -> None:
@@ -491,8 +492,9 @@ def _json_ready(value):
 
 def build_report(zoo: Path, out: Path, settings: Settings = Settings()) -> dict:
     """Measure every variant of ``zoo`` and write ``out/report.html`` and ``out/metrics.json``."""
-    s = settings
+    s = replace(settings, device=str(resolve_device(settings.device)))
     s.validate()
+    faithful(torch.device(s.device))
     variants = load_zoo(zoo, s.device)
     family = get_family(variants[REFERENCE].config["family"])
     data_seed = int(variants[REFERENCE].config.get("recipe", {}).get("seed", 0))
@@ -550,7 +552,7 @@ _HELP = {
     "actmax_channels": "channels of the GradCAM layer to visualise",
     "actmax_steps": "optimisation steps of activation maximisation",
     "shown": "images drawn with their maps",
-    "device": "cpu or cuda",
+    "device": "auto (a CUDA GPU when present), cpu, cuda, cuda:N (env SURGERY_DEVICE; default auto)",
     "data_root": "data of families other than shapes (cifar10, imagenet)",
 }
 

@@ -7,6 +7,10 @@ another's, and a result under load equals the result served alone. Requests on d
 models still run side by side. Parameters are frozen once at load: attribution needs input
 gradients only, and a frozen model has no ``.grad`` for requests to leak through.
 
+``device`` (cpu, cuda, cuda:N, auto) is where the models, the request's image, the hooks and the
+gradients live: models move there once, at construction; each request's input moves there and its
+answer comes back to the CPU for drawing.
+
 Example:
     >>> session = Session(resolve(SourceConfig(source="local")), cache_dir=Path(".cache"))
     >>> result = session.explain("resnet18-shapes", image, method="gradient")
@@ -31,6 +35,7 @@ from torch import nn
 from space.examples import reference_images
 from space.zoo_source import CONTROL, VARIANTS, FamilyZoo, LoadedVariant
 from surgery import attribution, compression
+from surgery.devices import DeviceSpec, describe, move, resolve_device
 from surgery.actmax import activation_maximization
 from surgery.registry import get_family
 from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, residual_blocks, topk_iou
@@ -88,13 +93,15 @@ class Representations:
 class Session:
     """Loaded families, one lock per model, and caches of the slow results."""
 
-    def __init__(self, families: dict[str, FamilyZoo], cache_dir: Path) -> None:
+    def __init__(self, families: dict[str, FamilyZoo], cache_dir: Path, device: DeviceSpec = "cpu") -> None:
         self.families = families
         self.cache_dir = Path(cache_dir)
+        self.device = resolve_device(device)
         self._locks = {(f, v): threading.Lock() for f, zoo in families.items() for v in zoo.variants}
         for zoo in families.values():
             for variant in zoo.variants.values():
-                variant.model.eval().requires_grad_(False)
+                move(variant.model, self.device).eval().requires_grad_(False)
+        logger.info("models on %s", describe(self.device))
         self._memo_lock = threading.Lock()
         self._similarity: dict[str, Representations] = {}
         self._sparsity: dict[tuple[str, str], float] = {}
@@ -122,14 +129,14 @@ class Session:
         if method not in SALIENCY_METHODS:
             raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
         layer = get_family(family).gradcam_layer
-        x = image[None]
+        x = image[None].to(self.device)
         answers = {}
         for name in VARIANTS:
             with self.model(family, name) as model:
                 out = attribution.explain(model, x, layer=layer)
                 saliency = (out.saliency if method == "gradient"
                             else attribution.saliency(model, x, target=out.target, method=method))
-            answers[name] = VariantExplanation(out.probabilities[0], out.gradcam[0], saliency[0])
+            answers[name] = VariantExplanation(out.probabilities[0].cpu(), out.gradcam[0].cpu(), saliency[0].cpu())
         reference = answers["fp32"]
         comparisons = [_compare(name, reference, answers[name]) for name in COMPARED]
         return Explanation(answers, comparisons)
@@ -281,7 +288,7 @@ def _reading(pairs: dict[str, LayerSimilarity], num_images: int) -> str:
 
 
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.detach().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return (image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:

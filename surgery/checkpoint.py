@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from surgery import compression
+from surgery.devices import move, resolve_device
 from surgery.registry import build_from_architecture
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,8 @@ def read_weights(directory: str | Path, config: dict) -> tuple[dict[str, torch.T
 
 
 def load_local(directory: str | Path, device: str | torch.device = "cpu") -> Variant:
-    """Load a checkpoint directory; see :func:`surgery.load_variant` for Hub repo ids."""
+    """Load a checkpoint directory onto ``device`` (``"auto"`` too, see :func:`surgery.devices.resolve_device`);
+    see :func:`surgery.load_variant` for Hub repo ids."""
     directory = Path(directory)
     config = read_config(directory)
     state, nncf_config = read_weights(directory, config)
@@ -197,4 +199,4 @@ def load_local(directory: str | Path, device: str | torch.device = "cpu") -> Var
         first = str(exc).splitlines()[:3]
         raise CheckpointError(f"{directory / WEIGHTS_FILE}: weights do not fit the architecture: "
                               f"{' '.join(first)}") from None
-    return Variant(model.to(device).eval(), config)
+    return Variant(move(model, resolve_device(device)).eval(), config)

@@ -24,7 +24,9 @@ import nncf.torch  # noqa: E402
 import torch
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
+from nncf.torch.quantization import extensions as _extensions
 from nncf.torch.quantization.layers import BaseQuantizer
+from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     logger.info("calibrating INT8 quantizers on %d images in %d batches",
                 sum(len(b) for b in batches), len(batches))
     model.eval()
+    quantizer_backend(next(model.parameters()).device)
     return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
 
 
@@ -60,6 +63,35 @@ def _take_images(batches: Iterable[torch.Tensor], num_samples: int) -> Iterator[
 def quantizers(model: nn.Module) -> list[nn.Module]:
     """The NNCF fake-quantizer modules the model runs (empty for FP32 and sparse models)."""
     return [m for m in model.modules() if isinstance(m, BaseQuantizer)]
+
+
+_BACKENDS: dict[str, str] = {}  # device type -> what runs the quantizers there, once decided
+
+
+def quantizer_backend(device: torch.device | str) -> str:
+    """Load NNCF's quantizer kernels for ``device`` now and say which run: its compiled extension or torch.
+
+    NNCF compiles a C++ extension the first time a quantizer runs on a device type (the CUDA one
+    needs the CUDA toolkit's ``nvcc``). On the CPU a failed compile falls back to NNCF's torch
+    implementation of the same functions (``ReferenceQuantizedFunctions``); on CUDA NNCF 3.4 raises
+    ``InstallationError`` instead, so here the CUDA path gets that same fallback, which gives
+    the same values up to float rounding and is slower. Logged once per device type; returns
+    ``"compiled extension"`` or ``"torch fallback"``.
+    """
+    kind = torch.device(device).type
+    if kind not in _BACKENDS:
+        namespace = _extensions.QuantizedFunctionsCUDA if kind == "cuda" else _extensions.QuantizedFunctionsCPU
+        try:
+            namespace.get("Quantize_forward")  # compiles or loads the extension, once per process
+        except nncf.InstallationError as exc:
+            logger.warning("NNCF could not build its CUDA extension (%s); using its torch fallback",
+                           str(exc).splitlines()[0])
+            namespace._loaded_namespace = ReferenceQuantizedFunctions  # private: NNCF has no switch for it
+        fallback = getattr(namespace, "_loaded_namespace", None) is ReferenceQuantizedFunctions
+        _BACKENDS[kind] = "torch fallback" if fallback else "compiled extension"
+        logger.info("NNCF quantizers on %s run %s", kind, "NNCF's torch fallback (slower)" if fallback
+                    else f"NNCF's compiled {kind.upper()} extension")
+    return _BACKENDS[kind]
 
 
 def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, target: float,

@@ -13,13 +13,14 @@ def load_variant(source: str | Path, revision: str | None = None,
                  device: str | torch.device = "cpu") -> Variant:
     """Load a variant from a checkpoint directory or a Hugging Face Hub repo id (``ORG/NAME``).
 
-    Returns ``(model, config)``: the model in eval mode on ``device`` and its ``config.json``.
+    Returns ``(model, config)``: the model in eval mode on ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` or ``"auto"``: see :func:`surgery.devices.resolve_device`) and its ``config.json``.
     Hub repos are downloaded with ``snapshot_download`` into the usual cache (only the two files
     of the format); nothing is unpickled and no code from the repo runs.
 
     Example:
         >>> model, config = load_variant("zoo/resnet18-shapes/int8")
-        >>> model, config = load_variant("my-org/resnet18-shapes-int8", revision="main")
+        >>> model, config = load_variant("my-org/resnet18-shapes-int8", revision="main", device="auto")
     """
     path = Path(source)
     if path.exists() or revision is None and not _looks_like_repo_id(str(source)):

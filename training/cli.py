@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ logger = logging.getLogger("training")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="CIFAR-10 root or ImageNet folder (train/, val/); not needed for shapes")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default=None,
+                   help="auto (cuda when present), cpu, cuda, cuda:N (env SURGERY_DEVICE; default auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: 0 for shapes, else up to 4)")
     p.add_argument("--train-samples", type=int, help="cap (or, for shapes, set) the training set size")
@@ -74,6 +76,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed-control", action="store_true",
                    help="also train OUT/fp32-seed<seed+1>: an FP32 model differing only in its seed")
+    p.add_argument("--push-to-hub", metavar="ORG",
+                   help="push each variant to ORG/<family>-<variant> with its model card as soon as it is "
+                        "built and evaluated (token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create missing repos as private")
     _common(p)
     return top
 
@@ -126,7 +132,22 @@ def run(args, ctx: distributed.Context) -> dict:
         return {args.command: metrics}
     if args.command == "evaluate":
         return {"evaluate": evaluate(args, ctx)}
-    return build_zoo(args, ctx)
+    return build_zoo(args, ctx, on_built=_hub_pusher(args, ctx))
+
+
+def _hub_pusher(args, ctx: distributed.Context) -> Callable[[str, Path], None] | None:
+    """With ``--push-to-hub ORG``: a callback pushing each built variant (rank 0 only), checked up front."""
+    if not args.push_to_hub:
+        return None
+    from hub_export.push import check_can_push, push_variant  # the Hub client only when pushing
+
+    check_can_push(args.push_to_hub, args.family)
+
+    def on_built(name: str, directory: Path) -> None:
+        if ctx.is_main:
+            push_variant(directory.parent, name, args.push_to_hub, private=args.private)
+
+    return on_built
 
 
 def evaluate(args, ctx: distributed.Context) -> dict:
@@ -142,8 +163,13 @@ def evaluate(args, ctx: distributed.Context) -> dict:
     return metrics
 
 
-def build_zoo(args, ctx: distributed.Context) -> dict:
-    """FP32, then INT8 and sparse derived from it, and optionally the seed control."""
+def build_zoo(args, ctx: distributed.Context,
+              on_built: Callable[[str, Path], None] | None = None) -> dict:
+    """FP32, then INT8 and sparse derived from it, and optionally the seed control.
+
+    ``on_built(name, directory)`` runs after each variant is saved (e.g. to push it to the Hub).
+    """
+    built = on_built or (lambda name, directory: None)
     family = get_family(args.family)
     job = _job(family, args, ctx)
     c = family.compression
@@ -152,18 +178,22 @@ def build_zoo(args, ctx: distributed.Context) -> dict:
     overall = tqdm(total=3 + args.seed_control, desc=f"zoo {family.name}", unit="model", disable=not ctx.is_main)
     fp32, metrics, reference = train_fp32(job, fp32_recipe, args.out / "fp32")
     results = {"fp32": metrics}
+    built("fp32", args.out / "fp32")
     overall.update()
     _, results["int8"] = derive_int8(job, fp32, _override(c.int8, args), c.calibration_samples,
                                      args.out / "int8", reference)
+    built("int8", args.out / "int8")
     overall.update()
     name = f"sparse{round(c.sparsity * 100)}"
     _, results[name] = derive_sparse(job, fp32, _override(c.sparse, args), c.sparsity, c.sparsity_ramp,
                                      args.out / name, reference, variant=name)
+    built(name, args.out / name)
     overall.update()
     if args.seed_control:
         control = f"fp32-seed{args.seed + 1}"
         control_job = Job(**{**job.__dict__, "seed": args.seed + 1})
         _, results[control], _ = train_fp32(control_job, fp32_recipe, args.out / control, variant=control)
+        built(control, args.out / control)
         overall.update()
     overall.close()
     logger.info("zoo %s built in %.1f s", family.name, time.perf_counter() - started)

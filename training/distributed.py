@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from surgery.devices import describe, resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,20 +43,16 @@ class Context:
             dist.barrier()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return device
+def init(device: str | None = None) -> Context:
+    """Join the process group if launched by torchrun; otherwise a single-process context.
 
-
-def init(device: str = "auto") -> Context:
-    """Join the process group if launched by torchrun; otherwise a single-process context."""
+    ``device`` as :func:`surgery.devices.resolve_device` takes it (None: ``$SURGERY_DEVICE``, else auto);
+    under torchrun a CUDA run puts each rank on its ``LOCAL_RANK`` GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     target = resolve_device(device)
     if world_size == 1:
+        logger.info("device %s", describe(target))
         return Context(device=target)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if target.type == "cuda":
