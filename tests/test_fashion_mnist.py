@@ -1,4 +1,5 @@
-"""resnet18-fashionmnist on Debian's real Fashion-MNIST files: loader, integrity, messages, model, training."""
+"""resnet18-fashionmnist on Debian's real Fashion-MNIST files: loader, integrity, messages, model,
+training, and the Space's per-family examples and model's view."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from surgery import load_variant, read_config
 from surgery.data import build_dataset, fashion_mnist, offline_available
 from surgery.data.fashion_mnist import DEBIAN_ROOT, FASHION_MNIST_CLASSES, FashionMNISTFiles
+from surgery.images import decode_image, model_view
 from surgery.registry import build_from_architecture, build_model, get_family
 from training.cli import main as training_main
 
@@ -141,3 +145,90 @@ def test_short_real_data_training_learns(tmp_path):
         accuracy = (model(images).argmax(1) == test.targets[:200]).float().mean()
     assert accuracy >= 0.6  # the saved model, reloaded, still classifies
     shutil.rmtree(out)
+
+
+# --- the Space with this family beside shapes --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_fashion_zoo(tmp_path_factory) -> Path:
+    """fp32, int8, sparse90 of this family after 2 steps a stage: real formats, untrained."""
+    if not offline_available(FAMILY):
+        pytest.skip("needs `apt-get install dataset-fashion-mnist` (CI installs it)")
+    out = tmp_path_factory.mktemp("tiny-fashion") / FAMILY.name
+    assert training_main(["zoo", "--family", FAMILY.name, "--out", str(out), "--train-samples", "256",
+                          "--eval-samples", "64", "--max-steps", "2"]) == 0
+    return out
+
+
+def test_model_card_names_the_dataset_licence_anchor_and_per_class_accuracy(tiny_fashion_zoo):
+    from hub_export.card import model_card
+
+    card = model_card(read_config(tiny_fashion_zoo / "int8"), f"org/{FAMILY.name}-int8",
+                      base_model=f"org/{FAMILY.name}-fp32")
+    text = str(card)
+    assert "## Dataset" in text and "MIT" in text and "Zalando" in text and "94.9%" in text
+    assert "arXiv:1708.07747" in text and card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    per_class = read_config(tiny_fashion_zoo / "int8")["metrics"]["per_class_top1"]
+    assert "## Per-class accuracy" in text
+    assert all(f"| {name} | {value:.2%} |" in text for name, value in per_class.items())
+
+
+@pytest.fixture(scope="module")
+def two_family_app(tiny_zoo, tiny_fashion_zoo, tmp_path_factory):
+    """The Space on the tiny shapes zoo and the tiny Fashion-MNIST zoo, served in-process."""
+    from space.app import create_app
+
+    zoo = tmp_path_factory.mktemp("two-families")
+    (zoo / "resnet18-shapes").symlink_to(tiny_zoo)
+    (zoo / FAMILY.name).symlink_to(tiny_fashion_zoo)
+    demo, launch = create_app(["--zoo", str(zoo), "--source", "local", "--families",
+                               f"resnet18-shapes,{FAMILY.name}", "--cache-dir", str(tmp_path_factory.mktemp("cache")),
+                               "--feature-steps", "8"])
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch)
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(two_family_app):
+    from gradio_client import Client
+
+    return Client(two_family_app.local_url, verbose=False)
+
+
+def test_examples_change_with_the_family(client, test_set):
+    fashion = client.predict(FAMILY.name, api_name="/examples")
+    names = [Path(row[0]["path"]).name for row in fashion["samples"]]
+    assert len(names) == 10 and all(n.startswith("fashion-mnist-test") for n in names)
+    assert fashion["sample_labels"] == list(FASHION_MNIST_CLASSES)  # true labels, one per class
+    for row, label in zip(fashion["samples"], fashion["sample_labels"]):
+        index = int(Path(row[0]["path"]).name.split("-")[2].removeprefix("test"))
+        assert FASHION_MNIST_CLASSES[int(test_set.targets[index])] == label
+        pixels = np.asarray(Image.open(row[0]["path"]))
+        assert np.array_equal(pixels, test_set.data[index].numpy())  # the test image itself, 28x28 gray
+    shapes = client.predict("resnet18-shapes", api_name="/examples")
+    assert shapes["samples"] and all(Path(r[0]["path"]).name.startswith("shapes-") for r in shapes["samples"])
+
+
+def test_the_page_shows_an_upload_as_the_model_sees_it(client, tmp_path):
+    from gradio_client import handle_file
+
+    photo = tmp_path / "colour.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photo)
+    seen = np.asarray(Image.open(client.predict(handle_file(str(photo)), FAMILY.name, api_name="/model_view"))
+                      .convert("RGB"))
+    expected = np.asarray(model_view(decode_image(photo), 28, grayscale=True))
+    assert seen.shape == (28, 28, 3) and np.array_equal(seen, expected)
+    assert np.array_equal(seen[..., 0], seen[..., 1]) and np.array_equal(seen[..., 1], seen[..., 2])
+    colour = np.asarray(Image.open(client.predict(handle_file(str(photo)), "resnet18-shapes",
+                                                  api_name="/model_view")).convert("RGB"))
+    assert colour.shape == (64, 64, 3) and not np.array_equal(colour[..., 0], colour[..., 1])
+
+
+def test_explain_on_a_fashion_example_answers_with_its_classes(client):
+    from gradio_client import handle_file
+
+    first = client.predict(FAMILY.name, api_name="/examples")["samples"][0][0]["path"]
+    out = client.predict(handle_file(first), FAMILY.name, "gradient", api_name="/explain")
+    assert {item["label"] for item in out[0]["confidences"]} <= set(FASHION_MNIST_CLASSES)
