@@ -223,9 +223,13 @@ def _source_banner(session: Session) -> str:
     return "**Models shown here come from:**\n" + "\n".join(lines)
 
 
-def _examples_update(examples: dict[str, list[Example]], family: str) -> gr.Dataset:
-    shown = examples.get(family, [])
-    return gr.Dataset(samples=[[str(e.path)] for e in shown], sample_labels=[e.label for e in shown])
+def _examples_update(examples: dict[str, list[Example]]) -> Callable[[str], gr.Dataset]:
+    def family_examples(family: str) -> gr.Dataset:
+        """The example images of the selected family, labelled (true class, or the photo's name)."""
+        shown = examples.get(family, [])
+        return gr.Dataset(samples=[[str(e.path)] for e in shown], sample_labels=[e.label for e in shown])
+
+    return family_examples
 
 
 def build_demo(session: Session, examples: dict[str, list[Example]], concurrency: int = 2,
@@ -276,8 +280,7 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
                                  interactive=False)
             run.click(h.explain, [image, family, method], outputs + [table], api_name="explain",
                       preprocess=False, concurrency_limit=concurrency)
-            family.change(functools.partial(_examples_update, examples), family, gallery.dataset,
-                          api_name="examples")
+            family.change(_examples_update(examples), family, gallery.dataset, api_name="examples")
             gr.on([image.change, family.change], h.model_view, [image, family], view, api_name="model_view",
                   preprocess=False)
 

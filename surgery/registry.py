@@ -73,7 +73,7 @@ class Stem:
 
     torchvision's ImageNet stem is ``Stem(7, 2, maxpool=True)`` (stride 4 in all); the CIFAR stem is
     ``Stem(3, 1, maxpool=False)``; ``Stem(3, 2, maxpool=False)`` halves 28x28 inputs once, so layer1
-    runs at 14x14 (a quarter of the CIFAR stem's cost at the same input size).
+    runs at 14x14 (a quarter of its cost under the CIFAR stem, at 28x28).
     """
 
     kernel: int = 7
@@ -106,7 +106,7 @@ class ModelFamily:
     fp32: Recipe
     compression: CompressionRecipe
     cifar_stem: bool = False  # shorthand for stem=Stem(kernel=3, stride=1, maxpool=False)
-    stem: "Stem | None" = None  # replaces torchvision's 7x7 stride-2 conv + max-pool when set
+    stem: Stem | None = None  # replaces torchvision's 7x7 stride-2 conv + max-pool when set
     last_stage_stride: int = 2  # 1 keeps layer4 at layer3's resolution (finer GradCAM maps)
     pretrained: str | None = None  # torchvision weights enum name, used where it can be downloaded
     gradcam_layer: str = "layer4"

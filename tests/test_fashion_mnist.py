@@ -198,16 +198,16 @@ def client(two_family_app):
 
 def test_examples_change_with_the_family(client, test_set):
     fashion = client.predict(FAMILY.name, api_name="/examples")
-    names = [Path(row[0]["path"]).name for row in fashion["samples"]]
+    names = [Path(row[0]).name for row in fashion["samples"]]  # the client downloads each file
     assert len(names) == 10 and all(n.startswith("fashion-mnist-test") for n in names)
     assert fashion["sample_labels"] == list(FASHION_MNIST_CLASSES)  # true labels, one per class
     for row, label in zip(fashion["samples"], fashion["sample_labels"]):
-        index = int(Path(row[0]["path"]).name.split("-")[2].removeprefix("test"))
+        index = int(Path(row[0]).name.split("-")[2].removeprefix("test"))
         assert FASHION_MNIST_CLASSES[int(test_set.targets[index])] == label
-        pixels = np.asarray(Image.open(row[0]["path"]))
+        pixels = np.asarray(Image.open(row[0]))
         assert np.array_equal(pixels, test_set.data[index].numpy())  # the test image itself, 28x28 gray
     shapes = client.predict("resnet18-shapes", api_name="/examples")
-    assert shapes["samples"] and all(Path(r[0]["path"]).name.startswith("shapes-") for r in shapes["samples"])
+    assert shapes["samples"] and all(Path(r[0]).name.startswith("shapes-") for r in shapes["samples"])
 
 
 def test_the_page_shows_an_upload_as_the_model_sees_it(client, tmp_path):
@@ -229,6 +229,6 @@ def test_the_page_shows_an_upload_as_the_model_sees_it(client, tmp_path):
 def test_explain_on_a_fashion_example_answers_with_its_classes(client):
     from gradio_client import handle_file
 
-    first = client.predict(FAMILY.name, api_name="/examples")["samples"][0][0]["path"]
+    first = client.predict(FAMILY.name, api_name="/examples")["samples"][0][0]
     out = client.predict(handle_file(first), FAMILY.name, "gradient", api_name="/explain")
     assert {item["label"] for item in out[0]["confidences"]} <= set(FASHION_MNIST_CLASSES)
