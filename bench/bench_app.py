@@ -50,7 +50,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
-from space.examples import PHOTOS, photo_path  # noqa: E402
+from space.examples import PHOTOS, Example, photo_path  # noqa: E402
 from space.preparing import serves_the_space  # noqa: E402
 from space.session import Session  # noqa: E402
 from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
@@ -121,7 +121,7 @@ def raw_explain(http: httpx.Client, photo: Path, family: str, pool: ThreadPoolEx
 
 def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int, device: torch.device) -> None:
     session = Session(families, cache_dir=Path(tempfile.mkdtemp(prefix="bench-space-")), device=device)
-    demo = build_demo(session, examples=[photo])
+    demo = build_demo(session, examples={family: [Example(photo, photo.stem)] for family in families})
     handlers = Handlers(session, Path(tempfile.mkdtemp(prefix="bench-maps-")))
     demo.launch(prevent_thread_lock=True, quiet=True)
     client = Client(demo.local_url, verbose=False)

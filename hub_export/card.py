@@ -31,6 +31,7 @@ DATASETS = {
     "cifar10": ("uoft-cs/cifar10", "CIFAR-10", "test"),
     "imagenet": ("ILSVRC/imagenet-1k", "ImageNet-1k", "validation"),
     "shapes": (None, "Generated shapes (surgery.data.shapes)", "test"),
+    "fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST", "test"),
 }
 _KIND_TAGS = {"fp32": [], "int8": ["int8", "quantization"], "sparse": ["sparsity", "pruning"]}
 _RELATION = {"int8": "quantized", "sparse": "finetune"}  # the Hub's base_model_relation values
@@ -73,6 +74,8 @@ def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = No
     body = "\n".join([
         _summary(config, repo_id, base_model, family.description, dataset_name),
         _results(config),
+        _per_class(config),
+        _dataset(family),
         *([_deployed_with_openvino(deployment, repo_id)] if deployment else []),
         _how_to_load(config, repo_id),
         _how_it_was_made(config, dataset_name, split),
@@ -153,6 +156,21 @@ def _deployed_with_openvino(report: dict, repo_id: str) -> str:
         "logits = model(images)[0]\n"
         "print([class_names[i] for i in logits.argmax(axis=1)])\n"
         "```\n")
+def _per_class(config: dict) -> str:
+    per_class = config.get("metrics", {}).get("per_class_top1")
+    if not per_class:
+        return ""
+    rows = [f"| {name} | {float(value):.2%} |" for name, value in per_class.items()]
+    return "## Per-class accuracy\n\n| Class | Top-1 |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def _dataset(family) -> str:
+    """The data's source, licence, citation and a published result on it (from the registry)."""
+    card = family.dataset_card
+    if card is None:
+        return ""
+    return (f"## Dataset\n\n- [{card.name}]({card.url}); licence: {card.licence}.\n"
+            f"- Cite: {card.citation}\n- For comparison: {card.anchor}\n")
 
 
 def _how_to_load(config: dict, repo_id: str) -> str:

@@ -1,4 +1,10 @@
-"""Example images: photos that ship inside installed packages, and held-out shapes images.
+"""Example images that fit each family: held-out images of its own data, photos only for photo families.
+
+- ``shapes``: images rendered from the ``test`` split of :mod:`surgery.data.shapes`, which the
+  shapes zoo never trains on, labelled with their true class;
+- ``fashion-mnist``: the first test image of each class (Zalando's, from Debian's files), at
+  28x28 as the model reads them, labelled with their true class;
+- families trained on natural photos (CIFAR-10, ImageNet): photos.
 
 Nothing is downloaded. The photos are files inside scikit-image and scikit-learn; their licenses:
 
@@ -8,19 +14,20 @@ Nothing is downloaded. The photos are files inside scikit-image and scikit-learn
 - scikit-image ``rocket`` (DSCOVR on Falcon 9, SpaceX): public domain;
 - scikit-learn ``china.jpg`` and ``flower.jpg`` (danielbuechele, vultilion on Flickr): CC BY 2.0.
 
-The shapes images are rendered from the ``test`` split of :mod:`surgery.data.shapes`, which
-the shapes zoo never trains on.
-
 Example:
-    >>> paths = write_examples(Path("/tmp/examples"))
-    >>> [p.name for p in paths][:2]
-    ['astronaut.png', 'chelsea.png']
+    >>> examples = write_examples(Path("/tmp/examples"), ["resnet18-fashionmnist", "resnet18-cifar10"])
+    >>> [e.label for e in examples["resnet18-fashionmnist"]][:2]
+    ['T-shirt/top', 'Trouser']
+    >>> examples["resnet18-cifar10"][1].path.name
+    'chelsea.png'
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from surgery.data.fashion_mnist import FashionMNISTFiles
 from surgery.data.shapes import ShapesDataset, ShapesSpec
 from surgery.images import decode_image, to_tensor
-from surgery.registry import ModelFamily
+from surgery.registry import ModelFamily, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +59,18 @@ PHOTOS = (
     Photo("sklearn.datasets.images", "china.jpg", "danielbuechele on Flickr (CC BY 2.0), via scikit-learn"),
     Photo("sklearn.datasets.images", "flower.jpg", "vultilion on Flickr (CC BY 2.0), via scikit-learn"),
 )
-SHAPES_EXAMPLES = 5  # one of each of the first classes; labels cycle through the classes
+SHAPES_EXAMPLES = 10  # one of each class; labels cycle through the classes
 REFERENCE_SHAPES = 200
+REFERENCE_FASHION = 200  # the first held-out Fashion-MNIST images (all classes, ~20 each)
+PHOTO_DATASETS = ("cifar10", "imagenet")  # families trained on natural photos
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example image file and what the page calls it (its true class, or the photo's name)."""
+
+    path: Path
+    label: str
 PHOTO_GRIDS = (1, 2, 3)  # crops per photo: the whole centre square, then 2x2 and 3x3 grids
 
 
@@ -71,14 +89,10 @@ def shapes_images(n: int = SHAPES_EXAMPLES, size: int = 64) -> list[tuple[str, n
     return [(ds.classes[int(ds.labels[i])], ds.images[i].permute(1, 2, 0).numpy()) for i in range(n)]
 
 
-def write_examples(directory: Path) -> list[Path]:
-    """Copy the photos and render the shapes examples into ``directory``; returns their paths.
-
-    Photos missing from the installed packages are skipped with a warning, not an error: the
-    Space still works without them.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
+def _write_photos(directory: Path) -> list[Example]:
+    """Copy the packaged photos; those missing from the installed packages are skipped with a
+    warning, not an error: the Space still works without them."""
+    examples = []
     for photo in PHOTOS:
         source = photo_path(photo)
         if source is None:
@@ -87,13 +101,56 @@ def write_examples(directory: Path) -> list[Path]:
         target = directory / photo.file
         if not target.exists():
             shutil.copyfile(source, target)
-        paths.append(target)
-    for i, (name, pixels) in enumerate(shapes_images()):
+        examples.append(Example(target, target.stem))
+    return examples
+
+
+def _write_shapes(directory: Path, size: int) -> list[Example]:
+    examples = []
+    for i, (name, pixels) in enumerate(shapes_images(size=size)):
         target = directory / f"shapes-{i}-{name}.png"
         if not target.exists():
             Image.fromarray(pixels).save(target)
-        paths.append(target)
-    return paths
+        examples.append(Example(target, name))
+    return examples
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _write_fashion(directory: Path) -> list[Example]:
+    """The first test image of each class, as 28x28 gray PNGs: what the model reads, pixel for pixel."""
+    test = FashionMNISTFiles(train=False)
+    examples = []
+    for c, name in enumerate(test.classes):
+        index = int((test.targets == c).nonzero()[0])
+        target = directory / f"fashion-mnist-test{index:05d}-{_slug(name)}.png"
+        if not target.exists():
+            Image.fromarray(test.data[index].numpy(), mode="L").save(target)
+        examples.append(Example(target, name))
+    return examples
+
+
+def family_examples(family: ModelFamily, directory: Path) -> list[Example]:
+    """The examples that fit ``family``, written into ``directory`` (see the module docstring).
+
+    Raises ``FileNotFoundError`` for Fashion-MNIST without its files (the family cannot be built
+    or served without them either), ``ValueError`` for a dataset with no examples.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if family.dataset == "shapes":
+        return _write_shapes(directory, family.input_size)
+    if family.dataset == "fashion-mnist":
+        return _write_fashion(directory)
+    if family.dataset in PHOTO_DATASETS:
+        return _write_photos(directory)
+    raise ValueError(f"no example images for the {family.dataset} dataset of {family.name}")
+
+
+def write_examples(directory: Path, families: Iterable[str]) -> dict[str, list[Example]]:
+    """Each family's examples (:func:`family_examples`), by family name."""
+    return {name: family_examples(get_family(name), directory) for name in families}
 
 
 def _grid_crops(image: Image.Image, size: int) -> list[Image.Image]:
@@ -114,12 +171,15 @@ def _grid_crops(image: Image.Image, size: int) -> list[Image.Image]:
 def reference_images(family: ModelFamily) -> torch.Tensor:
     """A fixed image set ``[n, 3, S, S]`` in [0, 1] on which the Representations tab compares models.
 
-    Shapes: the first held-out shapes images. Other families, whose data cannot be downloaded
-    here: crops of the example photos at three scales (14 per photo).
+    Shapes and Fashion-MNIST: their first held-out images. Other families, whose data cannot be
+    downloaded here: crops of the example photos at three scales (14 per photo).
     """
     size = family.input_size
     if family.dataset == "shapes":
         return ShapesDataset(ShapesSpec("test", REFERENCE_SHAPES, size, seed=0)).images.float() / 255
+    if family.dataset == "fashion-mnist":
+        test = FashionMNISTFiles(train=False)
+        return torch.stack([test[i][0] for i in range(REFERENCE_FASHION)])
     crops = [to_tensor(crop) for photo in PHOTOS if (path := photo_path(photo)) is not None
              for crop in _grid_crops(decode_image(path, photo.file), size)]
     if not crops:

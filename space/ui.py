@@ -7,14 +7,16 @@ Each tab's action has a stable API name for ``gradio_client``:
 - ``/features`` (family, layer, channels, steps): activation-maximisation images per variant;
 - ``/representations`` (family): CKA heatmaps layer x layer and a short reading;
 - ``/models`` (family): accuracy, agreement, sparsity, size, source and loading code per variant,
-  and its OpenVINO size and speed on this machine (:mod:`space.deployment`).
+  and its OpenVINO size and speed on this machine (:mod:`space.deployment`);
+- ``/model_view`` (image, family): the image as the family's models read it (cropped, resized,
+  gray for gray families); ``/examples`` (family): the family's examples (:mod:`space.examples`).
 
 Bad input never reaches a traceback: every handler turns ``ValueError`` (``ImageError`` included)
 into a ``gr.Error`` with its message, and anything unexpected into a short message while the
 details go to the server log.
 
 Example:
-    >>> demo = build_demo(session, examples=write_examples(Path("/tmp/examples")))
+    >>> demo = build_demo(session, examples=write_examples(Path("/tmp/examples"), session.families))
     >>> demo.launch(css=CSS)
 """
 
@@ -34,10 +36,11 @@ import numpy as np
 from PIL import Image
 
 from space import deployment, render
+from space.examples import Example
 from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_STEPS, MIN_STEPS,
                            SALIENCY_METHODS, TOP_K, Session)
 from space.zoo_source import CONTROL, VARIANTS
-from surgery.images import MAX_FILE_BYTES, decode_image, square_crop, to_tensor
+from surgery.images import MAX_FILE_BYTES, decode_image, model_view, to_tensor
 from surgery.registry import get_family
 
 logger = logging.getLogger(__name__)
@@ -151,11 +154,11 @@ class Handlers:
     def explain(self, image: Any, family: str, method: str) -> list:
         family = self._family(family)
         source, name = _image_source(image)
-        size = get_family(family).input_size
-        side = min(max(size, MIN_MAP_SIDE), DISPLAY)
+        fam = get_family(family)
+        side = min(max(fam.input_size, MIN_MAP_SIDE), DISPLAY)
         picture = decode_image(source, name, draft_size=side)
-        x = to_tensor(square_crop(picture, size))
-        shown = np.asarray(square_crop(picture, side))
+        x = to_tensor(model_view(picture, fam.input_size, fam.grayscale))
+        shown = np.asarray(model_view(picture, side, fam.grayscale))
         result = self.session.explain(family, x, method)
         class_names = self.session.zoo(family).variants["fp32"].config["class_names"]
         outputs: list = []
@@ -168,6 +171,16 @@ class Handlers:
                  _number(c.gradcam_iou), _number(c.saliency_spearman), _number(c.saliency_iou)]
                 for c in result.comparisons]
         return outputs + [rows]
+
+    @_guard("Model view")
+    def model_view(self, image: Any, family: str) -> str | None:
+        """The image at the family's input size, as its models read it (None before any image)."""
+        if not image:
+            return None
+        fam = get_family(self._family(family))
+        source, name = _image_source(image)
+        picture = decode_image(source, name, draft_size=fam.input_size)
+        return _png_file(np.asarray(model_view(picture, fam.input_size, fam.grayscale)), self.maps_dir)
 
     @_guard("Features")
     def features(self, family: str, layer: str, channels: str, steps: float,
@@ -214,9 +227,19 @@ def _source_banner(session: Session) -> str:
     return "**Models shown here come from:**\n" + "\n".join(lines)
 
 
-def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
+def _examples_update(examples: dict[str, list[Example]]) -> Callable[[str], gr.Dataset]:
+    def family_examples(family: str) -> gr.Dataset:
+        """The example images of the selected family, labelled (true class, or the photo's name)."""
+        shown = examples.get(family, [])
+        return gr.Dataset(samples=[[str(e.path)] for e in shown], sample_labels=[e.label for e in shown])
+
+    return family_examples
+
+
+def build_demo(session: Session, examples: dict[str, list[Example]], concurrency: int = 2,
                feature_steps: int = DEFAULT_STEPS) -> gr.Blocks:
-    """The page. ``concurrency``: requests served at once per action (locks keep models apart);
+    """The page. ``examples``: each family's example images (shown for the selected family);
+    ``concurrency``: requests served at once per action (locks keep models apart);
     ``feature_steps``: the Features tab's initial optimisation steps (precomputed at start-up)."""
     families = list(session.families)
     first = families[0]
@@ -236,10 +259,13 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
                     family = gr.Dropdown(families, value=first, label="Model family")
                     method = gr.Radio(list(SALIENCY_METHODS), value="gradient", label="Saliency method")
                     run = gr.Button("Explain", variant="primary", elem_id="explain-button")
+                    view = gr.Image(label="What the model sees", type="filepath", height=DISPLAY // 2,
+                                    interactive=False, elem_id="model-view", elem_classes=["map"])
                 with gr.Column(scale=2):
-                    gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples",
-                                example_labels=[p.stem for p in examples], cache_examples=False,
-                                examples_per_page=12)
+                    shown = examples.get(first, [])
+                    gallery = gr.Examples([[str(e.path)] for e in shown], inputs=[image], label="Examples",
+                                          example_labels=[e.label for e in shown], cache_examples=False,
+                                          examples_per_page=12)
                     gr.Markdown("Each model is explained for its own top prediction: GradCAM on the last "
                                 "stage, saliency as the input gradient (or SmoothGrad / integrated "
                                 "gradients). The table compares each compressed model's maps with FP32's: "
@@ -258,6 +284,9 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
                                  interactive=False)
             run.click(h.explain, [image, family, method], outputs + [table], api_name="explain",
                       preprocess=False, concurrency_limit=concurrency)
+            family.change(_examples_update(examples), family, gallery.dataset, api_name="examples")
+            gr.on([image.change, family.change], h.model_view, [image, family], view, api_name="model_view",
+                  preprocess=False)
 
         with gr.Tab("Features"):
             gr.Markdown("Activation maximisation: the input each model's channel responds to most, "

@@ -162,3 +162,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def load_image(source: Source, size: int, name: str = "image") -> torch.Tensor:
     """Decode, centre-crop and resize: the model input ``[3, size, size]`` in [0, 1]."""
     return to_tensor(square_crop(decode_image(source, name, draft_size=size), size))
+
+
+def model_view(image: Image.Image, size: int, grayscale: bool = False) -> Image.Image:
+    """What a model reads from ``image``: the centre square at ``size`` x ``size``, in gray (ITU-R 601
+    luma, replicated to RGB) for families trained on gray images.
+
+    Example:
+        >>> model_view(Image.new("RGB", (640, 480), (255, 0, 0)), 28, grayscale=True).getpixel((0, 0))
+        (76, 76, 76)
+    """
+    square = square_crop(image, size)
+    return square.convert("L").convert("RGB") if grayscale else square

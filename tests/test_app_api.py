@@ -18,12 +18,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from space.examples import PHOTOS, photo_path, write_examples
 from space.zoo_source import SourceConfig, SourceError, resolve
 from hub_servers import GitRepos, Olah, closed_endpoint
 from test_images import png_header_only
 from surgery import attribution, compression, load_variant
 from surgery.actmax import activation_maximization
 from surgery.images import load_image
+from surgery.registry import get_family
 from surgery.similarity import map_spearman, topk_iou
 
 VARIANTS = ("fp32", "int8", "sparse90")
@@ -37,8 +39,9 @@ def client(space_app) -> Client:
 
 
 @pytest.fixture(scope="module")
-def example(space_app) -> Path:
-    return next(Path(p) for p in _example_paths(space_app) if Path(p).name == "chelsea.png")
+def example() -> Path:
+    """A photo upload (the shapes family's Examples are shapes: see test_examples_follow_the_family)."""
+    return photo_path(next(p for p in PHOTOS if p.file == "chelsea.png"))
 
 
 def _example_paths(demo) -> list[str]:
@@ -64,11 +67,15 @@ def test_the_page_says_where_the_models_come_from(space_app, tiny_zoo):
     assert "Models shown here come from" in config and f"local zoo {tiny_zoo}" in config
 
 
-def test_examples_include_packaged_photos_and_shapes(space_app):
+def test_examples_follow_the_family(space_app, client):
+    """Shapes get held-out shapes with their true classes, never photos; photo families get photos."""
     names = [Path(p).name for p in _example_paths(space_app)]
-    for photo in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "china.jpg", "flower.jpg"):
-        assert photo in names
-    assert sum(n.startswith("shapes-") for n in names) >= 3
+    assert len(names) == 10 and all(n.startswith("shapes-") for n in names)
+    assert {n.split("-", 2)[2].removesuffix(".png") for n in names} == set(get_family(FAMILY).class_names)
+    update = client.predict(FAMILY, api_name="/examples")
+    assert [Path(row[0]).name for row in update["samples"]] == names  # the client downloads each file
+    photos = write_examples(Path(space_app.GRADIO_CACHE) / "photo-examples", ["resnet18-cifar10"])
+    assert [e.path.name for e in photos["resnet18-cifar10"]] == [p.file for p in PHOTOS]
 
 
 def test_explain_matches_the_models_run_directly(client, example, tiny_zoo):

@@ -62,7 +62,8 @@ def served(tiny_zoo, tmp_path_factory) -> str:
 
 def _requests(tmp_path: Path) -> list[tuple[str, str]]:
     """16 different (image, saliency method) requests: photos and shapes, all three methods."""
-    images = [str(p) for p in write_examples(tmp_path / "examples")]
+    examples = write_examples(tmp_path / "examples", ["resnet18-cifar10", "resnet18-shapes"])
+    images = [str(e.path) for family in examples.values() for e in family]
     methods = ["gradient"] * 14 + ["smoothgrad", "integrated_gradients"]
     return [(images[i % len(images)], method) for i, method in enumerate(methods)][:CLIENTS]
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from surgery.checkpoint import CheckpointError, read_config, write_config
-from surgery.data import build_dataset
+from surgery.data import IN_MEMORY, build_dataset
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, Recipe, get_family
 from training import distributed
@@ -26,8 +26,9 @@ logger = logging.getLogger("training")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-root", help="CIFAR-10 root or ImageNet folder (train/, val/); not needed for shapes")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
+    p.add_argument("--data-root", help="CIFAR-10 root, ImageNet folder (train/, val/) or Fashion-MNIST folder "
+                   "(default: Debian's); not needed for shapes")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 / Fashion-MNIST into --data-root")
     p.add_argument("--device", default=None,
                    help="auto (cuda when present), cpu, cuda, cuda:N (env SURGERY_DEVICE; default auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -91,7 +92,7 @@ def _job(family: ModelFamily, args, ctx: distributed.Context, train: bool = True
         train_set = (build_dataset(family, "train", args.data_root, download=args.download,
                                    samples=args.train_samples) if train else None)
     # Shapes live in memory: worker processes would only copy them. Files need decoding workers.
-    workers = args.workers if args.workers is not None else (0 if family.dataset == "shapes"
+    workers = args.workers if args.workers is not None else (0 if family.dataset in IN_MEMORY
                                                              else min(4, os.cpu_count() or 1))
     return Job(family, train_set, eval_set, ctx, seed=args.seed, workers=workers)
 

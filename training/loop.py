@@ -95,7 +95,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
     key = {"stage": desc, "recipe": recipe.to_dict(), "seed": seed, "world_size": ctx.world_size}
     start = resume.load(state_dir, model, optimizer, key) if state_dir else 0
     trained = distributed.wrap(model, ctx)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     dtype = autocast_dtype(recipe, ctx.device)
     for epoch in range(start, recipe.epochs):
         if isinstance(loader.sampler, DistributedSampler):

@@ -2,7 +2,8 @@
 
 - ``cifar10``: torchvision's CIFAR10 under ``root`` (downloaded there when ``download`` is set);
 - ``imagenet``: an ImageFolder tree ``root/train/<wnid>/*`` and ``root/val/<wnid>/*``;
-- ``shapes``: generated from the seed, with masks (:mod:`surgery.data.shapes`).
+- ``shapes``: generated from the seed, with masks (:mod:`surgery.data.shapes`);
+- ``fashion-mnist``: Zalando's original files, Debian's by default (:mod:`surgery.data.fashion_mnist`).
 
 Normalisation is not applied here: it is the first operation of every model (see the registry).
 """
@@ -17,6 +18,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from surgery.data import fashion_mnist
+from surgery.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTFiles
 from surgery.data.shapes import SHAPE_CLASSES, ShapesDataset, ShapesSpec
 
 if TYPE_CHECKING:  # the registry imports the shapes class names from this package
@@ -24,7 +27,30 @@ if TYPE_CHECKING:  # the registry imports the shapes class names from this packa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPE_CLASSES", "ShapesDataset", "ShapesSpec", "build_dataset", "build_datasets"]
+__all__ = ["FASHION_MNIST_CLASSES", "IN_MEMORY", "SHAPE_CLASSES", "FashionMNISTFiles", "ShapesDataset",
+           "ShapesSpec", "build_dataset", "build_datasets", "offline_available"]
+
+# Datasets held in memory as tensors: data-loader worker processes would only copy them.
+IN_MEMORY = frozenset({"shapes", "fashion-mnist"})
+
+
+def offline_available(family: ModelFamily | str) -> bool:
+    """Whether ``family``'s data is on this machine without a download: generated shapes always,
+    Fashion-MNIST when Debian's ``dataset-fashion-mnist`` files are found, the others never.
+
+    Example:
+        >>> offline_available("resnet18-shapes")
+        True
+    """
+    if isinstance(family, str):
+        from surgery.registry import get_family  # the registry imports this package
+
+        family = get_family(family)
+    if family.dataset == "shapes":
+        return True
+    if family.dataset == "fashion-mnist":
+        return fashion_mnist.find_files() is not None
+    return False
 
 
 def build_dataset(family: ModelFamily, split: str, root: str | Path | None = None, *, download: bool = False,
@@ -41,6 +67,8 @@ def build_dataset(family: ModelFamily, split: str, root: str | Path | None = Non
         default = family.train_samples if train else family.eval_samples
         spec = ShapesSpec("train" if train else "test", samples or default, family.input_size, seed)
         return ShapesDataset(spec, progress=True)
+    if family.dataset == "fashion-mnist":  # Debian's files when no root is given
+        return _cap(FashionMNISTFiles(root, train=train, augment=train, download=download), samples)
     if root is None:
         raise ValueError(f"{family.name} needs --data-root pointing at the {family.dataset} data")
     if family.dataset == "cifar10":
