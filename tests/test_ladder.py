@@ -232,7 +232,7 @@ def test_refuses_consistent_weights_and_nncf_config_against_the_recorded_widths(
 
 
 def test_refuses_recorded_sparsity_that_the_weights_do_not_have(ladder_zoo, tmp_path):
-    d = Path(shutil.copytree(ladder_zoo / "sparse95", tmp_path / "sparse95"))
+    d = Path(shutil.copytree(ladder_zoo / "sparse98", tmp_path / "sparse98"))
     _edit_config(d, lambda c: c["compression"].update(achieved_sparsity=0.99))
     with pytest.raises(CheckpointError, match="records 0.99 sparsity"):
         load_variant(d)
