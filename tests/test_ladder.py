@@ -34,9 +34,10 @@ def _images(n: int = 16) -> torch.Tensor:
 
 
 def _quantizer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """What every quantizer hands on during one forward pass (a shared quantizer runs twice)."""
+    """What every quantizer hands on during one forward pass (a shared quantizer runs twice), cloned
+    at once: the block's in-place residual add and ReLU overwrite the tensors afterwards."""
     outputs: dict[str, list[torch.Tensor]] = {}
-    handles = [q.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o.detach()))
+    handles = [q.register_forward_hook(lambda m, i, o, name=name: outputs.setdefault(name, []).append(o.detach().clone()))
                for name, q in compression.named_quantizers(model).items()]
     try:
         with torch.no_grad(), compression.forward_lock(model):
@@ -47,14 +48,22 @@ def _quantizer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, list[torc
     return outputs
 
 
+class _Traced(dict):
+    """A quantized rung's config, its quantizers' outputs on a batch, and the model; loaded once."""
+
+    def __init__(self, zoo: Path):
+        super().__init__()
+        self.zoo = zoo
+
+    def __missing__(self, name: str) -> tuple[dict, dict[str, list[torch.Tensor]], nn.Module]:
+        model, config = load_variant(self.zoo / name)
+        self[name] = (config, _quantizer_outputs(model, _images()), model)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def traced(ladder_zoo) -> dict[str, tuple[dict, dict[str, list[torch.Tensor]], nn.Module]]:
-    """Each quantized rung: its config, its quantizers' outputs on a batch, and the model."""
-    out = {}
-    for name in QUANTIZED:
-        model, config = load_variant(ladder_zoo / name)
-        out[name] = (config, _quantizer_outputs(model, _images()), model)
-    return out
+def traced(ladder_zoo) -> _Traced:
+    return _Traced(ladder_zoo)
 
 
 @pytest.mark.parametrize("variant", QUANTIZED)
