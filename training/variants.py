@@ -149,6 +149,10 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                 desc=spec.name, workers=job.workers, channels_last=False, on_step=grow_masks)
+    if current[0] < RAMP_UPDATES:  # fine-tuning too short for the ramp (smoke runs): prune to the target anyway
+        logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
+                       spec.name, _steps(recipe, job), sparsity * 100)
+        scheduler.step(RAMP_UPDATES)
     compression.bake_sparsity(model)
     comp = {"method": "nncf.prune (unstructured magnitude, global) + fine-tuning",
             "mode": str(compression.SPARSITY_MODE), "target_sparsity": sparsity,
