@@ -6,7 +6,7 @@
 
 Example:
     >>> from hub_export import push_zoo
-    >>> push_zoo("zoo/resnet18-shapes", "my-org")   # my-org/resnet18-shapes-fp32, -int8, -sparse90
+    >>> push_zoo("zoo/resnet18-shapes", "my-org")   # my-org/resnet18-shapes-fp32, -int8, -int4, ..., -sparse98
 """
 
 from hub_export.card import model_card

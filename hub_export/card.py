@@ -33,8 +33,7 @@ DATASETS = {
     "shapes": (None, "Generated shapes (surgery.data.shapes)", "test"),
     "fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST", "test"),
 }
-_KIND_TAGS = {"fp32": [], "int8": ["int8", "quantization"], "sparse": ["sparsity", "pruning"]}
-_RELATION = {"int8": "quantized", "sparse": "finetune"}  # the Hub's base_model_relation values
+_RELATION = {"quantized": "quantized", "sparse": "finetune"}  # the Hub's base_model_relation values
 _METRICS = (  # config["metrics"] key, model-index type, name
     ("top1", "accuracy", "Top-1 accuracy"),
     ("top5", "top_5_accuracy", "Top-5 accuracy"),
@@ -59,7 +58,7 @@ def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = No
         license=LICENSE,
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
-        tags=["pytorch", "nncf", "image-classification", "safetensors", family.name, *_KIND_TAGS[kind]],
+        tags=["pytorch", "nncf", "image-classification", "safetensors", family.name, *compression_tags(config)],
         datasets=[dataset_id] if dataset_id else None,
         base_model=base_model,
         base_model_relation=_RELATION.get(kind) if base_model else None,
@@ -79,6 +78,7 @@ def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = No
         *([_deployed_with_openvino(deployment, repo_id)] if deployment else []),
         _how_to_load(config, repo_id),
         _how_it_was_made(config, dataset_name, split),
+        compression_section(config),
         _limitations(kind),
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
@@ -89,16 +89,17 @@ def _summary(config: dict, repo_id: str, base_model: str | None, description: st
     return (f"# {repo_id.split('/')[-1]}\n\n"
             f"Variant `{config['variant']}` of the `{config['family']}` family, trained on {dataset}: "
             f"{_what(config)}.{derived}\n\n{description}\n\n"
-            "Part of *compressed CNN surgery*: FP32, INT8 and sparse versions of the same CNN, to see what "
+            "Part of *compressed CNN surgery*: FP32, quantized and sparse versions of the same CNN, to see what "
             "compression changes inside (attribution maps, features, representations).\n")
 
 
 def _what(config: dict) -> str:
     if config["kind"] == "fp32":
         return f"the full-precision (FP32) model, seed {config.get('recipe', {}).get('seed')}"
-    if config["kind"] == "int8":
-        return "INT8, quantized with NNCF (calibration, then quantization-aware fine-tuning)"
-    target = config.get("compression", {}).get("target_sparsity")
+    comp = config.get("compression", {})
+    if config["kind"] == "quantized":
+        return (f"{_widths(comp)}, quantized with NNCF (calibration, then quantization-aware fine-tuning)")
+    target = comp.get("target_sparsity")
     ratio = f" to {target:.0%} sparsity" if target is not None else ""
     return f"unstructured magnitude pruning with NNCF{ratio}, masks baked into the weights"
 
@@ -196,7 +197,7 @@ def _how_to_load(config: dict, repo_id: str) -> str:
         f"Only `{CONFIG_FILE}` and `{WEIGHTS_FILE}` are downloaded (into the usual Hugging Face cache; "
         "`HF_HUB_OFFLINE=1` then loads from it). No pickle is read and no code from the repo runs: the "
         "architecture is rebuilt from the config, the weights are checked against the SHA-256 it records, "
-        "and an INT8 model's NNCF quantizers are restored from JSON in the safetensors metadata.\n")
+        "and a quantized model's NNCF quantizers (with their bit widths) are restored from JSON in the safetensors metadata.\n")
 
 
 def _how_it_was_made(config: dict, dataset: str, split: str) -> str:
@@ -209,7 +210,7 @@ def _how_it_was_made(config: dict, dataset: str, split: str) -> str:
         f"- Data: {dataset}; metrics on its {split} split.",
         f"- NNCF {config.get('nncf_version')}, PyTorch {config.get('torch_version')}.",
     ]
-    compression = {k: v for k, v in config.get("compression", {}).items() if v is not None}
+    compression = {k: v for k, v in config.get("compression", {}).items() if v is not None and k != "quantizers"}
     if compression:
         lines.append("- Compression (calibration and fine-tuning): "
                      + "; ".join(f"{k} = {v}" for k, v in compression.items()) + ".")
@@ -223,14 +224,69 @@ def _how_it_was_made(config: dict, dataset: str, split: str) -> str:
 
 def _limitations(kind: str) -> str:
     lines = ["## Limitations\n"]
-    if kind == "int8":
-        lines.append("- INT8 here is NNCF's *simulated* quantization in PyTorch: fake-quantize operations "
-                     "round weights and activations to 8-bit levels but compute in float32. It is not a "
-                     "deployed integer kernel: it runs no faster and uses no less memory than FP32, and an "
-                     "integer runtime (e.g. OpenVINO after conversion) may differ slightly.")
-    if kind == "sparse":
-        lines.append("- The zeros are stored in dense tensors: the file is no smaller and inference no "
-                     "faster unless a sparse runtime or compression is used.")
+    lines.extend(compression_limitations(kind))
     lines.append("- A research artefact for studying compression, trained with a short recipe; "
                  "not meant for deployment.")
     return "\n".join(lines) + "\n"
+
+
+# --- the compression ladder: bit widths and sparsity levels -------------------------------------
+
+def _widths(comp: dict) -> str:
+    w, a = comp.get("weight_bits", 8), comp.get("activation_bits", 8)
+    edge = comp.get("first_last_bits", 8)
+    kept = f" (first convolution and classifier at {edge} bits)" if min(w, a) < edge else ""
+    return f"{w}-bit weights and {a}-bit activations{kept}"
+
+
+def compression_tags(config: dict) -> list[str]:
+    """Hub tags of the variant's compression: ``quantization``, ``int4`` / ``w4a8``, ``sparsity`` ..."""
+    comp = config.get("compression", {})
+    if config["kind"] == "quantized":
+        w, a = comp.get("weight_bits", 8), comp.get("activation_bits", 8)
+        return ["quantization", f"int{w}" if w == a else f"w{w}a{a}"]
+    if config["kind"] == "sparse":
+        return ["sparsity", "pruning"]
+    return []
+
+
+def compression_section(config: dict) -> str:
+    """The card's "Compression" section: every quantizer's bit width, or the sparsity target and
+    what the stored weights achieve; empty for FP32."""
+    comp = config.get("compression", {})
+    if config["kind"] == "quantized":
+        lines = ["## Compression: bit widths\n",
+                 f"{_widths(comp)[0].upper()}{_widths(comp)[1:]}; weights per-channel symmetric. "
+                 "Quantizer ranges were calibrated on training images, then trained with the weights.\n"]
+        quantizers = comp.get("quantizers")
+        if isinstance(quantizers, dict):
+            lines.append("| Quantizer (NNCF hook) | Role | Layer | Bits |\n|---|---|---|---|")
+            lines.extend(f"| `{name}` | {q.get('role')} | {q.get('layer') or '-'} | {q.get('bits')} |"
+                         for name, q in quantizers.items())
+        else:
+            lines.append("Every quantizer at 8 bits (a checkpoint from before bit widths were recorded per quantizer).")
+        return "\n".join(lines) + "\n"
+    if config["kind"] == "sparse":
+        target, achieved = comp.get("target_sparsity"), comp.get("achieved_sparsity",
+                                                               config.get("metrics", {}).get("sparsity"))
+        rows = [f"| Target | {target:.2%} |" if target is not None else None,
+                f"| Achieved (exact zeros in the stored conv and linear weights) | {achieved:.2%} |"
+                if achieved is not None else None]
+        return ("## Compression: sparsity\n\n| Sparsity | Fraction of weights |\n|---|---|\n"
+                + "\n".join(r for r in rows if r) + "\n")
+    return ""
+
+
+def compression_limitations(kind: str) -> list[str]:
+    """What the variant's compression is not."""
+    if kind == "quantized":
+        return ["- The quantization is NNCF's *simulated* quantization in PyTorch: fake-quantize operations "
+                "round weights and activations to their bit widths' levels but compute in float32. It is not "
+                "a deployed integer kernel: the file is not smaller (weights are stored in float32), it runs "
+                "no faster and uses no less memory than FP32, and an integer runtime (e.g. OpenVINO after "
+                "conversion) may differ slightly. Below 8 bits, NNCF's hardware presets do not cover these "
+                "widths (3 bits nowhere, 2 only for depthwise convolutions): they were set per quantizer."]
+    if kind == "sparse":
+        return ["- The zeros are stored in dense tensors: the file is no smaller and inference no "
+                "faster unless a sparse runtime or compression is used."]
+    return []

@@ -31,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from hub_export import openvino
 from hub_export.card import model_card
 from surgery.checkpoint import CONFIG_FILE, FILES, CheckpointError, read_config, read_weights
+from surgery.variants import parse_variant, seed_name, sort_key
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,11 @@ def push(checkpoint: str | Path, repo_id: str, *, private: bool = False, revisio
 
 
 def zoo_uploads(zoo: str | Path, org: str) -> list[Upload]:
-    """The variants of the zoo in ``zoo`` (one directory each) and their repos ``ORG/<family>-<variant>``.
+    """Whatever variants the zoo in ``zoo`` holds (one directory each: ``fp32``, ``int4``,
+    ``w4a8``, ``sparse95``, ``fp32-seed1``, ...) and their repos ``ORG/<family>-<variant>``, in the
+    ladder's order (:func:`surgery.variants.sort_variants`).
 
-    Compressed variants name the zoo's FP32 repo as their base model.
+    Compressed variants name the FP32 repo of their seed as their base model.
     """
     zoo = Path(zoo)
     if not zoo.is_dir():
@@ -113,12 +116,24 @@ def zoo_uploads(zoo: str | Path, org: str) -> list[Upload]:
         raise CheckpointError(f"{zoo}: holds several families ({', '.join(sorted(families))}); "
                               "push one zoo at a time")
     family = families.pop()
-    has_fp32 = any(c["variant"] == FP32_VARIANT for c in configs.values())
-    fp32_repo = f"{org}/{family}-{FP32_VARIANT}" if has_fp32 else None
-    if not has_fp32:
-        logger.warning("%s has no %s variant: the compressed repos get no base_model link", zoo, FP32_VARIANT)
-    return [Upload(d, f"{org}/{family}-{c['variant']}", fp32_repo if c["kind"] != "fp32" else None)
-            for d, c in configs.items()]
+    for d, c in configs.items():
+        try:
+            parse_variant(c["variant"])
+        except ValueError as exc:
+            raise CheckpointError(f"{d / CONFIG_FILE}: {exc}") from None
+    present = {c["variant"] for c in configs.values()}
+
+    def base_model(config: dict) -> str | None:
+        if config["kind"] == "fp32":
+            return None
+        source = seed_name(FP32_VARIANT, parse_variant(config["variant"]).seed)
+        if source not in present:
+            logger.warning("%s has no %s variant: %s gets no base_model link", zoo, source, config["variant"])
+            return None
+        return f"{org}/{family}-{source}"
+
+    ordered = sorted(configs.items(), key=lambda item: sort_key(item[1]["variant"]))
+    return [Upload(d, f"{org}/{family}-{c['variant']}", base_model(c)) for d, c in ordered]
 
 
 def push_zoo(zoo: str | Path, org: str, *, private: bool = False, revision: str | None = None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import ContextManager
 
 # NNCF compiles its CPU extension on the first INT8 forward and gives up after 60 s by default;
@@ -22,10 +23,12 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 import nncf  # noqa: E402  (after the timeout above)
 import nncf.torch  # noqa: E402
 import torch
+from nncf.common.quantization.structs import QuantizationScheme
+from nncf.quantization.advanced_parameters import QuantizationParameters
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
 from nncf.torch.quantization import extensions as _extensions
-from nncf.torch.quantization.layers import BaseQuantizer
+from nncf.torch.quantization.layers import BaseQuantizer, SymmetricQuantizer
 from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
 from torch import nn
 
@@ -35,19 +38,192 @@ NNCF_VERSION = nncf.__version__
 SPARSITY_MODE = nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL
 
 
-def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int) -> nn.Module:
-    """INT8 post-training quantization (symmetric weights, activations per NNCF's CPU preset).
+FIRST_LAST_BITS = 8  # the first convolution and the classifier, whatever the variant's bit width (LSQ)
+
+
+def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int,
+             weight_bits: int = 8, activation_bits: int = 8) -> nn.Module:
+    """Post-training quantization: weights per-channel symmetric at ``weight_bits``, activations at
+    ``activation_bits``; the first convolution and the classifier (weights and input) at 8 bits.
 
     ``batches`` yields image batches; ``num_samples`` is how many *images* calibrate the ranges
     (NNCF's ``subset_size`` counts dataset items, here batches, so it is converted). Returns a
     quantized deep copy, ready for quantization-aware training with an ordinary torch loop.
+
+    W8A8 uses NNCF's CPU preset. Below 8 bits NNCF's CPU tables refuse the widths, so the model is
+    quantized with the NPU tables at 4 bits (which allow 4-bit convolution weights and
+    activations), then every quantizer is set to its width (2, 3, ... 8 bits; NNCF allows 3 bits
+    nowhere and 2 only for depthwise convolutions) with :func:`set_bit_widths`. Low-bit practice
+    (LSQ, Esser et al. 2020; PACT, Choi et al. 2018) keeps the first and last layers at 8 bits;
+    a weight quantizer whose calibrated range was set for another width gets its per-channel scale
+    re-fitted (least squared error) for the new one.
+
+    Example:
+        >>> int4 = quantize(fp32, batches, 512, weight_bits=4, activation_bits=4)
+        >>> sorted(set(bit_widths(int4).values()))
+        [4, 8]
     """
+    for bits in (weight_bits, activation_bits):
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bit widths must be between 2 and 8, got {bits}")
     batches = list(_take_images(batches, num_samples))
-    logger.info("calibrating INT8 quantizers on %d images in %d batches",
+    logger.info("calibrating W%dA%d quantizers on %d images in %d batches", weight_bits, activation_bits,
                 sum(len(b) for b in batches), len(batches))
     model.eval()
     quantizer_backend(next(model.parameters()).device)
-    return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    if weight_bits == activation_bits == 8:
+        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    four_bit = QuantizationParameters(num_bits=4)
+    quantized = nncf.quantize(
+        model, nncf.Dataset(batches), subset_size=len(batches), target_device=nncf.TargetDevice.NPU,
+        # NPU's tables would quantize the pooled features at the pooling's input; keep them at its output.
+        ignored_scope=nncf.IgnoredScope(types=["adaptive_avg_pool2d"]),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            weights_quantization_params=QuantizationParameters(
+                num_bits=4, mode=QuantizationScheme.SYMMETRIC, per_channel=True),
+            activations_quantization_params=four_bit))
+    roles = quantizer_roles(quantized, batches[0][:1])
+    widths = {name: FIRST_LAST_BITS if role.edge else (weight_bits if role.kind == "weight" else activation_bits)
+              for name, role in roles.items()}
+    set_bit_widths(quantized, widths)
+    _refit_weight_scales(quantized, roles, calibrated_bits=4)
+    return quantized
+
+
+@dataclass(frozen=True)
+class QuantizerRole:
+    """Where a quantizer sits: on a layer's weight or on an activation, and whether that is the
+    network's first convolution or its classifier (kept at 8 bits)."""
+
+    kind: str  # "weight" or "activation"
+    layer: str | None  # the conv/linear whose weight it quantizes, or the first one its output feeds
+    edge: bool  # on the first convolution or the classifier (its weight, or its input)
+
+
+def named_quantizers(model: nn.Module) -> dict[str, BaseQuantizer]:
+    """NNCF's quantizers by hook name (``pre_hooks.conv1/conv2d/0__1.0``), as ``get_config`` names
+    them, sorted. A quantizer NNCF shares between hooks (one scale for both inputs of a residual
+    add) is listed once, under the first of its names, so a reloaded model names it the same."""
+    if not is_wrapped(model):
+        return {}
+    names: dict[int, tuple[BaseQuantizer, list[str]]] = {}
+    for name, q in get_hook_storage(model).named_hooks(remove_duplicate=False):
+        if isinstance(q, BaseQuantizer):
+            names.setdefault(id(q), (q, []))[1].append(name)
+    return dict(sorted((min(hooks), q) for q, hooks in names.values()))
+
+
+@torch.no_grad()
+def quantizer_roles(model: nn.Module, example: torch.Tensor) -> dict[str, QuantizerRole]:
+    """Trace one forward of ``example`` to tell weight from activation quantizers and find the
+    layers they serve. A weight quantizer receives the layer's weight parameter itself; an
+    activation quantizer's output is the input of the layers that read it (matched by storage)."""
+    named = named_quantizers(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    edges = {next(iter(n for n, m in layers.items() if isinstance(m, nn.Conv2d)), None),
+             next(iter(n for n, m in reversed(layers.items()) if isinstance(m, nn.Linear)), None)}
+    owner = {id(m.weight): n for n, m in layers.items()}
+    seen: dict[str, tuple[str | None, torch.Tensor | None]] = {}  # quantizer -> (weight owner, output)
+    readers: dict[int, list[str]] = {}  # data_ptr of a layer's input -> layers reading it
+    alive: list[torch.Tensor] = []  # every traced tensor stays referenced: no storage is reused
+
+    def on_quantizer(name):
+        def hook(module, inputs, output):
+            if isinstance(inputs[0], nn.Parameter):
+                seen[name] = (owner.get(id(inputs[0])), None)
+            else:
+                seen[name] = (None, output)
+                alive.append(output)
+        return hook
+
+    def on_layer(name):
+        def hook(module, inputs):
+            readers.setdefault(inputs[0].data_ptr(), []).append(name)
+            alive.append(inputs[0])
+        return hook
+
+    handles = [q.register_forward_hook(on_quantizer(n)) for n, q in named.items()]
+    handles += [m.register_forward_pre_hook(on_layer(n)) for n, m in layers.items()]
+    was_training = model.training
+    try:
+        with forward_lock(model):
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    roles = {}
+    for name in named:
+        weight_of, output = seen.get(name, (None, None))
+        if weight_of is not None:
+            roles[name] = QuantizerRole("weight", weight_of, weight_of in edges)
+        else:
+            fed = readers.get(output.data_ptr(), []) if output is not None else []
+            roles[name] = QuantizerRole("activation", fed[0] if fed else None, bool(edges.intersection(fed)))
+    return roles
+
+
+def bit_widths(model: nn.Module) -> dict[str, int]:
+    """Every quantizer's bit width by hook name (empty for FP32 and sparse models)."""
+    return {name: int(q.num_bits) for name, q in named_quantizers(model).items()}
+
+
+def set_bit_widths(model: nn.Module, widths: Mapping[str, int]) -> None:
+    """Give the named quantizers these bit widths: the buffer the forward reads, the levels derived
+    from it, and the spec that ``get_config`` records (so a reload rebuilds the same widths)."""
+    named = named_quantizers(model)
+    unknown = sorted(set(widths) - set(named))
+    if unknown:
+        raise ValueError(f"no quantizers named {', '.join(unknown)}")
+    for name, bits in widths.items():
+        named[name].num_bits = int(bits)  # fills _num_bits and recomputes the levels
+        named[name]._qspec.num_bits = int(bits)  # private, but it is what get_config serialises
+
+
+def settle_bit_widths(model: nn.Module) -> dict[str, int]:
+    """After ``restore`` and ``load_state_dict``: recompute every quantizer's levels from its loaded
+    bit width and return the widths. NNCF's ``SymmetricQuantizer`` does this after loading a state
+    dict, ``AsymmetricQuantizer`` does not (it would keep the levels of the config's width).
+    Raises ``ValueError`` when the state dict's width disagrees with the one NNCF's config records."""
+    for name, q in named_quantizers(model).items():
+        if int(q.num_bits) != int(q._qspec.num_bits):
+            raise ValueError(f"quantizer {name}: {q.num_bits} bits in the weights, "
+                             f"{q._qspec.num_bits} in NNCF's config")
+        q.num_bits = int(q.num_bits)
+        if q.levels > 2 ** int(q.num_bits):
+            raise ValueError(f"quantizer {name}: {q.levels} levels for {q.num_bits} bits")
+    return bit_widths(model)
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable ranges of every quantizer (symmetric scales; asymmetric low and range), for an
+    optimiser group of their own (NNCF 3.4 has no ``compression_lr_multiplier`` any more)."""
+    return [p for q in quantizers(model) for p in q.parameters() if p.requires_grad and p.is_floating_point()]
+
+
+@torch.no_grad()
+def _refit_weight_scales(model: nn.Module, roles: dict[str, QuantizerRole], calibrated_bits: int) -> None:
+    """Per-channel scales of the weight quantizers whose width is not ``calibrated_bits``, chosen
+    among fractions of the calibrated scale to minimise the squared quantization error: at 2 or 3
+    bits NNCF's max-abs range rounds most weights to zero."""
+    named = named_quantizers(model)
+    modules = dict(model.named_modules())
+    for name, role in roles.items():
+        q = named[name]
+        if role.kind != "weight" or int(q.num_bits) == calibrated_bits or not isinstance(q, SymmetricQuantizer) \
+                or q.is_using_log_scale_storage:
+            continue
+        weight = modules[role.layer].weight.detach()
+        calibrated = q.scale.detach().clone()
+        best, best_error = calibrated.clone(), None
+        for fraction in torch.linspace(0.1, 1.0, 37):
+            q.scale.data.copy_(calibrated * fraction)
+            error = (q(weight) - weight).pow(2).flatten(1).sum(1)
+            error = error.view_as(calibrated) if calibrated.numel() == len(error) else error.sum().view_as(calibrated)
+            better = error < best_error if best_error is not None else torch.ones_like(error, dtype=torch.bool)
+            best = torch.where(better, calibrated * fraction, best)
+            best_error = error if best_error is None else torch.minimum(error, best_error)
+        q.scale.data.copy_(best)
 
 
 def _take_images(batches: Iterable[torch.Tensor], num_samples: int) -> Iterator[torch.Tensor]:

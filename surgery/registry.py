@@ -24,6 +24,7 @@ from torch import nn
 
 from surgery.data.fashion_mnist import FASHION_MNIST_CLASSES
 from surgery.data.shapes import SHAPE_CLASSES
+from surgery.variants import VariantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Recipe:
     steps_per_epoch: int | None = None  # truncate epochs (short fine-tuning, smoke runs)
     autocast: str | None = None  # "bfloat16": mixed-precision forward, weights and optimiser stay FP32
     label_smoothing: float = 0.0  # cross-entropy target smoothing (Szegedy et al. 2016)
+    quantizer_lr_scale: float = 1.0  # quantizer ranges learn at lr x this (their own group; 0 freezes them)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,13 +60,33 @@ class Recipe:
 
 @dataclass(frozen=True)
 class CompressionRecipe:
-    """How the compressed variants are derived from FP32: calibration and fine-tuning."""
+    """How a family's compressed variants are derived from its FP32 model, per rung of the ladder.
 
-    int8: Recipe
-    sparse: Recipe
+    ``quantized`` maps a bit width to the QAT recipe used for variants whose *lowest* width
+    (weights or activations) is at least that, the nearest one below it applying: with
+    ``{8: a, 4: b, 2: c}``, ``int8`` gets ``a``, ``w4a8``, ``int4``..``int7`` get ``b`` and
+    ``int3``, ``int2`` get ``c``. ``sparse`` maps a sparsity level to the fine-tuning of every
+    target up to it, the nearest one above applying (``{0.9: a, 0.99: b}``: ``sparse50`` and
+    ``sparse90`` get ``a``, ``sparse95`` gets ``b``). So any variant name finds its recipe from
+    :func:`surgery.variants.parse_variant` alone, with no case per name.
+    """
+
+    quantized: dict[int, Recipe]
+    sparse: dict[float, Recipe]
     calibration_samples: int = 512
-    sparsity: float = 0.9
-    sparsity_ramp: float = 0.5  # masks grow from 0 to ``sparsity`` over this fraction of fine-tuning
+    sparsity: float = 0.9  # the default target of ``python -m training sparse``
+    sparsity_ramp: float = 0.5  # masks grow from 0 to the target over this fraction of fine-tuning
+
+    def for_variant(self, spec: VariantSpec) -> Recipe:
+        """The fine-tuning recipe of a compressed variant (``ValueError`` for FP32)."""
+        if spec.kind == "quantized":
+            bits = min(spec.weight_bits, spec.activation_bits)
+            tiers = [b for b in sorted(self.quantized, reverse=True) if b <= bits]
+            return self.quantized[tiers[0] if tiers else min(self.quantized)]
+        if spec.kind == "sparse":
+            tiers = [level for level in sorted(self.sparse) if level >= spec.sparsity - 1e-9]
+            return self.sparse[tiers[0] if tiers else max(self.sparse)]
+        raise ValueError(f"{spec.name} is not a compressed variant: FP32 models use ModelFamily.fp32")
 
 
 @dataclass(frozen=True)
@@ -161,9 +183,20 @@ FAMILIES: dict[str, ModelFamily] = {
             class_names=CIFAR10_CLASSES,
             cifar_stem=True,
             fp32=Recipe(epochs=50, lr=0.05, batch_size=512, milestones=(25, 40)),
+            # GPU-scale (not run here): low bits and high sparsity fine-tune longer at lower rates,
+            # as in LSQ's ResNet18 schedules scaled to CIFAR-10.
             compression=CompressionRecipe(
-                int8=Recipe(epochs=5, lr=0.001, batch_size=512, milestones=(3,)),
-                sparse=Recipe(epochs=15, lr=0.005, batch_size=512, milestones=(10,)),
+                quantized={
+                    8: Recipe(epochs=5, lr=0.001, batch_size=512, milestones=(3,)),
+                    4: Recipe(epochs=30, lr=1e-3, batch_size=256, weight_decay=1e-4, warmup_epochs=1,
+                              quantizer_lr_scale=10.0),
+                    2: Recipe(epochs=60, lr=5e-4, batch_size=256, weight_decay=5e-5, warmup_epochs=1,
+                              quantizer_lr_scale=10.0),
+                },
+                sparse={
+                    0.9: Recipe(epochs=15, lr=0.005, batch_size=512, milestones=(10,)),
+                    0.99: Recipe(epochs=40, lr=0.005, batch_size=512, milestones=(30,)),
+                },
             ),
             description="The seed's network: torchvision ResNet18, 3x3 stride-1 conv1, no max-pool.",
         ),
@@ -178,9 +211,19 @@ FAMILIES: dict[str, ModelFamily] = {
             pretrained="IMAGENET1K_V2",
             # 0 epochs: torchvision's weights are the FP32 model; --epochs 90 trains from scratch.
             fp32=Recipe(epochs=0, lr=0.1, batch_size=256, weight_decay=1e-4, milestones=(30, 60, 80)),
+            # GPU-scale (not run here); LSQ trains 4/3/2-bit ResNets on ImageNet for 90 epochs from FP32.
             compression=CompressionRecipe(
-                int8=Recipe(epochs=1, lr=1e-4, batch_size=128, weight_decay=1e-4),
-                sparse=Recipe(epochs=10, lr=0.01, batch_size=256, weight_decay=1e-4, milestones=(7,)),
+                quantized={
+                    8: Recipe(epochs=1, lr=1e-4, batch_size=128, weight_decay=1e-4),
+                    4: Recipe(epochs=10, lr=1e-3, batch_size=256, weight_decay=5e-5, warmup_epochs=0.5,
+                              quantizer_lr_scale=10.0),
+                    2: Recipe(epochs=30, lr=1e-3, batch_size=256, weight_decay=2.5e-5, warmup_epochs=0.5,
+                              quantizer_lr_scale=10.0),
+                },
+                sparse={
+                    0.9: Recipe(epochs=10, lr=0.01, batch_size=256, weight_decay=1e-4, milestones=(7,)),
+                    0.99: Recipe(epochs=30, lr=0.01, batch_size=256, weight_decay=1e-4, milestones=(20,)),
+                },
                 calibration_samples=1024,
             ),
             description="torchvision ResNet50 at 224x224; FP32 starts from torchvision's ImageNet weights.",
@@ -197,10 +240,27 @@ FAMILIES: dict[str, ModelFamily] = {
             # Sized for the CPU: the whole zoo in under 5 minutes on 2 cores (README).
             fp32=Recipe(epochs=3, lr=2e-3, batch_size=64, optimizer="adamw", weight_decay=5e-4,
                         warmup_epochs=0.3, autocast="bfloat16"),
+            # Sized for 2 CPU cores (~1.2 s a QAT step at 4 bits, ~0.5 s a sparse step); the figures
+            # these recipes give are in the README. Low bits: longer, lower learning rate, ranges
+            # trained faster than the weights; higher sparsity: longer fine-tuning.
             compression=CompressionRecipe(
-                int8=Recipe(epochs=1, lr=2e-3, batch_size=64, steps_per_epoch=16),
-                sparse=Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32,
-                              autocast="bfloat16"),
+                quantized={
+                    8: Recipe(epochs=1, lr=2e-3, batch_size=64, steps_per_epoch=16),
+                    4: Recipe(epochs=4, lr=1e-4, batch_size=64, optimizer="adamw", weight_decay=0.0,
+                              steps_per_epoch=24, quantizer_lr_scale=10.0),
+                    3: Recipe(epochs=6, lr=1e-4, batch_size=64, optimizer="adamw", weight_decay=0.0,
+                              steps_per_epoch=24, quantizer_lr_scale=10.0),
+                    2: Recipe(epochs=8, lr=2e-4, batch_size=64, optimizer="adamw", weight_decay=0.0,
+                              steps_per_epoch=32, warmup_epochs=0.25, quantizer_lr_scale=10.0),
+                },
+                sparse={
+                    0.9: Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32,
+                                autocast="bfloat16"),
+                    0.95: Recipe(epochs=4, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32,
+                                 autocast="bfloat16"),
+                    0.99: Recipe(epochs=6, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32,
+                                 autocast="bfloat16"),
+                },
                 calibration_samples=512,
                 sparsity_ramp=0.35,
             ),
@@ -223,13 +283,23 @@ FAMILIES: dict[str, ModelFamily] = {
             grayscale=True,
             fp32=FASHION_CPU_RECIPE,
             compression=CompressionRecipe(
-                # QAT is ~3x the cost of an FP32 step: a short fine-tuning after calibration. With the
-                # ladder's per-width recipes, 4 bits get the same recipe with steps_per_epoch=120.
-                int8=Recipe(epochs=1, lr=1e-4, batch_size=128, optimizer="adamw", weight_decay=0.05,
-                            steps_per_epoch=40),
+                # QAT is ~3x the cost of an FP32 step: short fine-tuning after calibration; low bits
+                # longer, ranges trained faster than the weights (as for shapes).
+                quantized={
+                    8: Recipe(epochs=1, lr=1e-4, batch_size=128, optimizer="adamw", weight_decay=0.05,
+                              steps_per_epoch=40),
+                    4: Recipe(epochs=1, lr=1e-4, batch_size=128, optimizer="adamw", weight_decay=0.0,
+                              steps_per_epoch=120, quantizer_lr_scale=10.0),
+                    2: Recipe(epochs=2, lr=2e-4, batch_size=128, optimizer="adamw", weight_decay=0.0,
+                              steps_per_epoch=120, warmup_epochs=0.1, quantizer_lr_scale=10.0),
+                },
                 # 120 steps (15,360 images): masks ramp to 90% over the first half, the rest recovers.
-                sparse=Recipe(epochs=1, lr=1e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
-                              warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1),
+                sparse={
+                    0.9: Recipe(epochs=1, lr=1e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
+                                warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1),
+                    0.99: Recipe(epochs=2, lr=1e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
+                                 warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1),
+                },
                 calibration_samples=512,
                 sparsity_ramp=0.5,
             ),

@@ -38,6 +38,19 @@ def tiny_zoo(tmp_path_factory) -> Path:
                 ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2", "--seed-control"])
 
 
+# Every stage of the ladder zoo trains one epoch of two steps on 128 images: real formats and real
+# bit widths and sparsity levels, untrained accuracy; about 2-3 minutes on 2 cores.
+LADDER_ZOO_ARGS = ["--ladder", "--seeds", "2", "--train-samples", "128", "--eval-samples", "32",
+                   "--epochs", "1", "--max-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def ladder_zoo(tmp_path_factory) -> Path:
+    """fp32, the whole compression ladder (surgery.variants.LADDER) and the fp32-seed1 control of
+    resnet18-shapes, built through the real CLI."""
+    return _zoo(tmp_path_factory, "SURGERY_TEST_LADDER_ZOO", "ladder_zoo", LADDER_ZOO_ARGS)
+
+
 @pytest.fixture(scope="session")
 def shapes_zoo(tmp_path_factory) -> Path:
     """The real resnet18-shapes zoo (fp32, int8, sparse90) with its default recipe: a few minutes.

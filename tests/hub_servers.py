@@ -436,7 +436,7 @@ def _cli(op: dict) -> dict:
 def _pull(op: dict) -> dict:
     import torch
 
-    from surgery import load_variant
+    from surgery import compression, load_variant
     from surgery.checkpoint import load_local
 
     start = time.perf_counter()
@@ -447,7 +447,9 @@ def _pull(op: dict) -> dict:
     x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (pulled.model(x) - local.model(x)).abs().max().item()
-    return {"seconds": seconds, "max_abs_diff": diff, "same_config": pulled.config == local.config}
+    widths = compression.bit_widths(pulled.model)
+    return {"seconds": seconds, "max_abs_diff": diff, "same_config": pulled.config == local.config,
+            "bit_widths": widths, "same_bit_widths": widths == compression.bit_widths(local.model)}
 
 
 def _fail(op: dict) -> dict:

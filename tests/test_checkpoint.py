@@ -15,11 +15,14 @@ from surgery import CheckpointError, compression, load_variant
 from surgery.checkpoint import CONFIG_FILE, WEIGHTS_FILE, sha256_file
 from surgery.registry import get_family
 from training.loop import seed_everything
-from training.variants import Job, derive_int8, derive_sparse, train_fp32
+from surgery.variants import parse_variant
+from training.variants import Job, derive_quantized, derive_sparse, train_fp32
 from training import distributed
 from surgery.data import ShapesDataset, ShapesSpec
 
-KINDS = ("fp32", "int8", "sparse90")
+# One of each kind of rung: FP32, 8-bit (NNCF's CPU preset), 4-bit (the NPU route), mixed and 2-bit
+# widths (set per quantizer), two sparsity levels.
+KINDS = ("fp32", "int8", "int4", "w4a8", "int2", "sparse90", "sparse98")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +35,16 @@ def trained_in_memory(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path
     short = family.fp32.with_overrides(epochs=1, steps_per_epoch=2)
     fp32, _, reference = train_fp32(job, short, out / "fp32")
     c = family.compression
-    int8, _ = derive_int8(job, fp32, c.int8.with_overrides(steps_per_epoch=2), 64, out / "int8", reference)
-    sparse, _ = derive_sparse(job, fp32, c.sparse.with_overrides(steps_per_epoch=2), 0.9, 0.5,
-                              out / "sparse90", reference, "sparse90")
-    return {"fp32": (fp32, out / "fp32"), "int8": (int8, out / "int8"), "sparse90": (sparse, out / "sparse90")}
+    variants = {"fp32": (fp32, out / "fp32")}
+    for name in KINDS[1:]:
+        spec = parse_variant(name)
+        recipe = c.for_variant(spec).with_overrides(epochs=1, steps_per_epoch=2)
+        if spec.kind == "quantized":
+            model, _ = derive_quantized(job, fp32, recipe, spec, 64, out / name, reference)
+        else:
+            model, _ = derive_sparse(job, fp32, recipe, spec, 0.5, out / name, reference)
+        variants[name] = (model, out / name)
+    return variants
 
 
 def _images(n: int = 8) -> torch.Tensor:
@@ -53,10 +62,15 @@ def test_reload_gives_identical_outputs(trained_in_memory, kind):
     assert not reloaded.training
     assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     assert config["variant"] == kind
+    assert compression.bit_widths(reloaded) == compression.bit_widths(model)
+    levels = {n: q.levels for n, q in compression.named_quantizers(reloaded).items()}
+    assert levels == {n: q.levels for n, q in compression.named_quantizers(model).items()}
+    assert all(levels[n] <= 2 ** b for n, b in compression.bit_widths(reloaded).items())
 
 
-def test_reloaded_int8_runs_nncf_quantizers(trained_in_memory):
-    model, _ = load_variant(trained_in_memory["int8"][1])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_reloaded_quantized_model_runs_nncf_quantizers(trained_in_memory, kind):
+    model, config = load_variant(trained_in_memory[kind][1])
     quantizers = compression.quantizers(model)
     assert len(quantizers) > 20
     calls = []
@@ -66,15 +80,18 @@ def test_reloaded_int8_runs_nncf_quantizers(trained_in_memory):
     for h in handles:
         h.remove()
     assert len(calls) >= len(quantizers)  # every quantizer really ran in the forward pass
-    assert all(q.num_bits == 8 for q in quantizers)
+    spec = parse_variant(kind)
+    assert {q.num_bits for q in quantizers} == {8, spec.weight_bits}
 
 
-def test_sparse_file_stores_exact_zeros(trained_in_memory):
-    tensors = safetensors.torch.load_file(trained_in_memory["sparse90"][1] / WEIGHTS_FILE)
+@pytest.mark.parametrize("kind", ["sparse90", "sparse98"])
+def test_sparse_file_stores_exact_zeros(trained_in_memory, kind):
+    target = parse_variant(kind).sparsity
+    tensors = safetensors.torch.load_file(trained_in_memory[kind][1] / WEIGHTS_FILE)
     # conv and linear weights: 4-d kernels and the fc matrix (BN weights are 1-d)
     weights = [t for k, t in tensors.items() if k.endswith("weight") and t.dim() in (2, 4)]
     zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
-    assert zeros >= math.floor(0.9 * total)  # 90%, rounded down to whole weights
+    assert zeros >= math.floor(target * total)  # the target, rounded down to whole weights
     assert not any("nncf" in k for k in tensors)  # masks were baked in, not stored beside the weights
 
 
@@ -140,7 +157,7 @@ def test_refuses_reshaped_tensor_even_with_fixed_hash(copy_of):
 
 
 def test_refuses_foreign_module_in_nncf_config(copy_of):
-    d = copy_of("int8")
+    d = copy_of("int4")
 
     def inject(tensors, metadata):
         config = json.loads(metadata["nncf_config"])

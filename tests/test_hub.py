@@ -56,31 +56,39 @@ def hub(tmp_path_factory):
         yield SimpleNamespace(stand_in=stand_in, olah=olah)
 
 
-@pytest.fixture(scope="module")
-def pushed(hub, tiny_zoo, tmp_path_factory) -> dict[str, Path]:
-    """``push-zoo`` of the tiny zoo; its FP32 again to the same repo, and to a branch of a private repo.
+LEGACY = f"{ORG}/legacy-int8"  # an INT8 checkpoint in the format main wrote before the ladder
 
-    Returns repo id -> local checkpoint, for the zoo's repos.
+
+@pytest.fixture(scope="module")
+def pushed(hub, ladder_zoo, tmp_path_factory) -> dict[str, Path]:
+    """``push-zoo`` of the ladder zoo; its FP32 again to the same repo, and to a branch of a private
+    repo; a legacy kind-``int8`` checkpoint to a repo of its own.
+
+    Returns repo id -> local checkpoint, for the zoo's repos and the legacy one.
     """
-    fp32 = str(tiny_zoo / "fp32")
-    pushes = client([{"op": "cli", "args": ["push-zoo", str(tiny_zoo), "--org", ORG]},
+    from test_ladder import make_legacy_int8
+
+    fp32 = str(ladder_zoo / "fp32")
+    legacy = make_legacy_int8(ladder_zoo / "int8", tmp_path_factory.mktemp("legacy") / "int8")
+    pushes = client([{"op": "cli", "args": ["push-zoo", str(ladder_zoo), "--org", ORG]},
                      {"op": "cli", "args": ["push", fp32, "--repo-id", f"{ORG}/resnet18-shapes-fp32"]},
-                     {"op": "cli", "args": ["push", fp32, "--repo-id", PRIVATE, "--private", "--revision", "dev"]}],
+                     {"op": "cli", "args": ["push", fp32, "--repo-id", PRIVATE, "--private", "--revision", "dev"]},
+                     {"op": "cli", "args": ["push", str(legacy), "--repo-id", LEGACY]}],
                     endpoint=hub.stand_in.url, home=tmp_path_factory.mktemp("push_home"), token=TOKEN)
-    assert [p["exit"] for p in pushes] == [0, 0, 0], pushes
+    assert [p["exit"] for p in pushes] == [0, 0, 0, 0], pushes
     repos = {}
-    for variant in sorted(tiny_zoo.iterdir()):
+    for variant in sorted(ladder_zoo.iterdir()):
         if (variant / "config.json").is_file():
             config = json.loads((variant / "config.json").read_text())
             repos[f"{ORG}/{config['family']}-{config['variant']}"] = variant
-    return repos
+    return {**repos, LEGACY: legacy}
 
 
 @pytest.fixture(scope="module")
-def first_pull(hub, pushed, tiny_zoo, tmp_path_factory):
+def first_pull(hub, pushed, ladder_zoo, tmp_path_factory):
     """Every pushed repo pulled by id into an empty cache (and the branch), plus the model cards."""
     home = tmp_path_factory.mktemp("pull_home")
-    branch = {"op": "pull", "repo": PRIVATE, "revision": "dev", "local": str(tiny_zoo / "fp32")}
+    branch = {"op": "pull", "repo": PRIVATE, "revision": "dev", "local": str(ladder_zoo / "fp32")}
     results = client(pull_ops(pushed) + [branch] + [{"op": "card", "repo": repo} for repo in pushed],
                      endpoint=hub.olah.url, home=home)
     n = len(pushed)
@@ -89,7 +97,9 @@ def first_pull(hub, pushed, tiny_zoo, tmp_path_factory):
 
 
 def test_push_zoo_creates_one_repo_per_variant(hub, pushed):
-    for variant in ("fp32", "int8", "sparse90"):
+    from surgery.variants import LADDER
+
+    for variant in ("fp32", *LADDER, "fp32-seed1"):
         assert f"{ORG}/resnet18-shapes-{variant}" in pushed
     for repo in pushed:
         assert hub.stand_in.repos.exists(repo) and repo not in hub.stand_in.private
@@ -100,11 +110,13 @@ def test_pushing_the_same_variant_again_changes_nothing(hub, pushed):
     assert git(repo, "rev-list", "--count", "main") == "2"  # the repo's first commit, and one upload
 
 
-def test_push_uploads_exactly_the_dry_run_folder(hub, pushed, tiny_zoo, tmp_path):
+def test_push_uploads_exactly_the_dry_run_folder(hub, pushed, ladder_zoo, tmp_path):
     from hub_export.cli import main
 
-    assert main(["push-zoo", str(tiny_zoo), "--org", ORG, "--dry-run", str(tmp_path)]) == 0
+    assert main(["push-zoo", str(ladder_zoo), "--org", ORG, "--dry-run", str(tmp_path)]) == 0
     for repo, local in pushed.items():
+        if repo == LEGACY:
+            continue
         staged = tmp_path / repo.split("/")[1]
         assert {p.name for p in staged.iterdir()} == UPLOADED
         committed = hub.stand_in.repos.files(repo)
@@ -125,6 +137,9 @@ def test_pull_by_repo_id_matches_local_checkpoint(first_pull, pushed):
     for repo, result in zip(pushed, first_pull.pulls):
         assert result["max_abs_diff"] <= 1e-6, repo
         assert result["same_config"], repo
+        assert result["same_bit_widths"], repo
+        if "int" in repo or "w4a8" in repo:  # quantized: the widths are really there
+            assert result["bit_widths"] and min(result["bit_widths"].values()) >= 2, repo
         snapshots = list((first_pull.home / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots").iterdir())
         assert len(snapshots) == 1 and {p.name for p in snapshots[0].iterdir()} == FORMAT_FILES, \
             "only the files of the format are downloaded"
@@ -153,9 +168,13 @@ def test_offline_pull_uses_the_cache_and_nothing_else(hub, pushed, first_pull):
 def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
     from huggingface_hub import ModelCardData
 
+    from surgery import read_config
+
     fp32_repo = f"{ORG}/resnet18-shapes-fp32"
     for repo, local in pushed.items():
-        config = json.loads((local / "config.json").read_text())
+        if repo == LEGACY:
+            continue
+        config = read_config(local)
         card = first_pull.cards[repo]
         data = ModelCardData(**card["data"])
         assert data.license == "apache-2.0" and data.library_name
@@ -168,18 +187,27 @@ def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
             continue
         assert data.base_model == fp32_repo
         assert values["agreement"] == pytest.approx(config["metrics"]["agreement_with_fp32"], abs=1e-4)
-        if config["kind"] == "int8":
-            assert "int8" in data.tags and "simulated" in card["text"]
+        comp = config["compression"]
+        if config["kind"] == "quantized":
+            w, a = comp["weight_bits"], comp["activation_bits"]
+            assert "quantization" in data.tags and (f"int{w}" if w == a else f"w{w}a{a}") in data.tags
+            assert "simulated" in card["text"] and "file is not smaller" in card["text"]
+            assert f"{w}-bit weights and {a}-bit activations" in card["text"]
+            table = card["text"].split("## Compression: bit widths")[1]
+            for name, q in comp["quantizers"].items():  # every quantizer's width is in the card
+                assert f"| `{name}` | {q['role']} | {q['layer'] or '-'} | {q['bits']} |" in table
         else:
             assert "sparsity" in data.tags
             assert values["sparsity"] == pytest.approx(config["metrics"]["sparsity"], abs=1e-4)
+            assert f"| Target | {comp['target_sparsity']:.2%} |" in card["text"]
+            assert f"{comp['achieved_sparsity']:.2%} |" in card["text"]
 
 
-def test_stage_refuses_a_tampered_checkpoint(tiny_zoo, tmp_path):
+def test_stage_refuses_a_tampered_checkpoint(ladder_zoo, tmp_path):
     from hub_export import stage
     from surgery.checkpoint import CheckpointError
 
-    copy = shutil.copytree(tiny_zoo / "fp32", tmp_path / "fp32")
+    copy = shutil.copytree(ladder_zoo / "fp32", tmp_path / "fp32")
     with open(copy / "model.safetensors", "r+b") as f:
         f.seek(-16, os.SEEK_END)
         f.write(b"\0" * 16)
@@ -189,9 +217,9 @@ def test_stage_refuses_a_tampered_checkpoint(tiny_zoo, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def failures(hub, pushed, tiny_zoo, tmp_path_factory) -> dict[str, dict]:
+def failures(hub, pushed, ladder_zoo, tmp_path_factory) -> dict[str, dict]:
     """Each failure case, pulled in fresh processes (one per Hub) that run side by side."""
-    stand_in, fp32 = hub.stand_in, tiny_zoo / "fp32"
+    stand_in, fp32 = hub.stand_in, ladder_zoo / "fp32"
     stand_in.add_repo(f"{ORG}/pickled", {"pytorch_model.bin": b"\x80\x04pickle", "config.json": b"{}"})
     stand_in.add_repo(f"{ORG}/no-weights", {"config.json": (fp32 / "config.json").read_bytes()})
     stand_in.add_repo(f"{ORG}/gated", {name: (fp32 / name).read_bytes() for name in FORMAT_FILES}, gated=True)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
+from surgery import compression
 from surgery.registry import Recipe
 from training import distributed, resume
 
@@ -57,10 +58,21 @@ def autocast_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The recipe's optimiser; quantizer ranges (if any) form a group of their own, at
+    ``recipe.quantizer_lr_scale`` times the learning rate and without weight decay (decay would
+    shrink the ranges), or frozen when the scale is 0."""
+    ranges = compression.quantizer_parameters(model)
+    if recipe.quantizer_lr_scale == 0:
+        for p in ranges:
+            p.requires_grad_(False)
+    range_ids = {id(p) for p in ranges}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in range_ids],
+               "lr_scale": 1.0}]
+    if ranges and recipe.quantizer_lr_scale > 0:
+        groups.append({"params": ranges, "lr_scale": recipe.quantizer_lr_scale, "weight_decay": 0.0})
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def train_loader(dataset: Dataset, recipe: Recipe, ctx: distributed.Context, seed: int,
@@ -112,7 +124,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
                 on_step(step, steps_per_epoch)
             lr = learning_rate(recipe, step, steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             images = images.to(ctx.device).contiguous(memory_format=memory_format)
             with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
                 loss = loss_fn(trained(images), labels.to(ctx.device))

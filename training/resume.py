@@ -15,6 +15,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from surgery.checkpoint import fill_aliases, state_tensors
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "resume.safetensors"
@@ -23,7 +25,7 @@ STATE_FILE = "resume.safetensors"
 def save(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, key: dict) -> None:
     """Record that ``epoch`` epochs are done; ``key`` identifies the run (stage, recipe, seed)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in state_tensors(model).items()}
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for idx, state in opt["state"].items():
@@ -54,7 +56,7 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ke
     if meta["key"] != key:
         logger.warning("resume state in %s belongs to another run; starting afresh", directory)
         return 0
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_state_dict(fill_aliases(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}))
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):

@@ -1,4 +1,5 @@
-"""The three ways a variant is made: train FP32, derive INT8 (PTQ + QAT), derive sparse (gradual magnitude).
+"""The three ways a variant is made: train FP32, derive a quantized model at any bit width (PTQ + QAT),
+derive a sparse model at any level (gradual magnitude pruning).
 
 Each function trains, evaluates on the held-out set and saves in the checkpoint format
 (rank 0 only), returning the model and its config.
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from surgery import compression
 from surgery.checkpoint import VariantInfo, save_variant
 from surgery.registry import ModelFamily, Recipe, build_model
+from surgery.variants import VariantSpec
 from training import distributed
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
@@ -53,6 +55,7 @@ def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, reci
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     if kind == "sparse":
         metrics["sparsity"] = compression.weight_sparsity(model)["overall"]
+        comp = {**comp, "achieved_sparsity": metrics["sparsity"]}
     if job.ctx.is_main:
         info = VariantInfo(family=job.family.name, variant=variant, kind=kind,
                            architecture=job.family.architecture(), class_names=list(job.family.class_names),
@@ -100,30 +103,35 @@ def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
     return (images for images, _ in loader)
 
 
-def derive_int8(job: Job, fp32: nn.Module, recipe: Recipe, calibration_samples: int, out: Path,
-                reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
-    """Post-training quantization with NNCF, then quantization-aware fine-tuning."""
+def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, calibration_samples: int,
+                     out: Path, reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
+    """Post-training quantization with NNCF at the variant's bit widths (first convolution and
+    classifier at 8 bits), then quantization-aware fine-tuning with the ranges trained too."""
+    if spec.kind != "quantized":
+        raise ValueError(f"{spec.name} is not a quantized variant")
     started = time.perf_counter()
     seed_everything(job.seed)
     quantized = compression.quantize(copy.deepcopy(fp32).to(job.ctx.device),
-                                     _image_batches(job.train_set, job.seed), calibration_samples)
+                                     _image_batches(job.train_set, job.seed), calibration_samples,
+                                     weight_bits=spec.weight_bits, activation_bits=spec.activation_bits)
     quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                    desc="int8-qat", workers=job.workers)
-    comp = {"method": "nncf.quantize + quantization-aware training", "bits": 8,
-            "calibration_samples": calibration_samples, "quantizers": len(compression.quantizers(quantized)),
-            "qat_epochs": recipe.epochs}
-    metrics, _ = _finish(quantized, job, out, "int8", "int8", recipe, comp, reference, started)
+                    desc=f"{spec.name}-qat", workers=job.workers)
+    comp = {"method": "nncf.quantize + quantization-aware training", "weight_bits": spec.weight_bits,
+            "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
+            "calibration_samples": calibration_samples, "qat_steps": _steps(recipe, job)}
+    metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
     return quantized, metrics
 
 
-def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, sparsity: float, ramp: float,
-                  out: Path, reference: torch.Tensor | None, variant: str) -> tuple[nn.Module, dict]:
-    """Global magnitude pruning ramped from 0 to ``sparsity`` over the first ``ramp`` fraction of
-    fine-tuning (the rest trains around the final masks); masks then baked into the weights."""
+def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
+                  out: Path, reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
+    """Global magnitude pruning ramped from 0 to the variant's sparsity over the first ``ramp``
+    fraction of fine-tuning (the rest trains around the final masks); masks then baked into the weights."""
+    if spec.kind != "sparse":
+        raise ValueError(f"{spec.name} is not a sparse variant")
     if not 0 < ramp < 1:
         raise ValueError(f"the sparsity ramp must be a fraction of fine-tuning in (0, 1), got {ramp}")
-    if not 0 < sparsity < 1:
-        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    sparsity = spec.sparsity
     started = time.perf_counter()
     seed_everything(job.seed)
     model = copy.deepcopy(fp32).to(job.ctx.device)
@@ -140,11 +148,21 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, sparsity: float, ra
 
     # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=variant, workers=job.workers, channels_last=False, on_step=grow_masks)
+                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow_masks)
+    if current[0] < RAMP_UPDATES:  # fine-tuning too short for the ramp (smoke runs): prune to the target anyway
+        logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
+                       spec.name, _steps(recipe, job), sparsity * 100)
+        scheduler.step(RAMP_UPDATES)
     compression.bake_sparsity(model)
     comp = {"method": "nncf.prune (unstructured magnitude, global) + fine-tuning",
             "mode": str(compression.SPARSITY_MODE), "target_sparsity": sparsity,
             "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning",
-            "finetune_epochs": recipe.epochs}
-    metrics, _ = _finish(model, job, out, variant, "sparse", recipe, comp, reference, started)
+            "finetune_steps": _steps(recipe, job)}
+    metrics, _ = _finish(model, job, out, spec.name, "sparse", recipe, comp, reference, started)
     return model, metrics
+
+
+def _steps(recipe: Recipe, job: Job) -> int:
+    """Optimiser steps a recipe makes on the job's training set (as :func:`training.loop.fit` counts)."""
+    per_epoch = len(job.train_set) // max(recipe.batch_size // job.ctx.world_size, 1)
+    return recipe.epochs * min(per_epoch, recipe.steps_per_epoch or per_epoch)
