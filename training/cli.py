@@ -17,6 +17,7 @@ from surgery.checkpoint import CheckpointError, read_config, write_config
 from surgery.data import build_dataset
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, Recipe, get_family
+from surgery.variants import DEFAULT_ZOO, parse_variant, seed_name
 from training import distributed
 from training.loop import accuracy_metrics, predict
 from training.variants import Job, derive_int8, derive_sparse, train_fp32
@@ -74,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed-control", action="store_true",
                    help="also train OUT/fp32-seed<seed+1>: an FP32 model differing only in its seed")
+    p.add_argument("--variants", help="comma-separated variants to build instead of the default zoo "
+                                      "(fp32, fp32-seed<k>, int8, sparse<percent>); built ones are skipped")
     _common(p)
     return top
 
@@ -142,28 +145,60 @@ def evaluate(args, ctx: distributed.Context) -> dict:
     return metrics
 
 
+def zoo_plan(args) -> list[str]:
+    """The variants ``zoo`` builds: ``--variants``, else the default zoo (and the seed control)."""
+    if args.variants:
+        names = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+    else:
+        names = list(DEFAULT_ZOO) + ([seed_name("fp32", args.seed + 1)] if args.seed_control else [])
+    for name in names:
+        spec = parse_variant(name)  # ValueError with the grammar
+        if not (spec.kind == "fp32" or (spec.seed == 0 and (name == "int8" or spec.kind == "sparse"))):
+            raise ValueError(f"zoo --variants: {name!r} cannot be built by this version "
+                             "(fp32, fp32-seed<k>, int8 and sparse<percent> can)")
+    if not names:
+        raise ValueError("zoo --variants: give at least one variant")
+    return names
+
+
 def build_zoo(args, ctx: distributed.Context) -> dict:
-    """FP32, then INT8 and sparse derived from it, and optionally the seed control."""
+    """FP32, then the variants derived from it (INT8, sparse) and seed controls, as planned by
+    :func:`zoo_plan`. A variant whose ``config.json`` exists is skipped; a derived variant
+    whose FP32 model is built already starts from that one."""
     family = get_family(args.family)
+    plan = zoo_plan(args)
+    todo = [name for name in plan if not (args.out / name / "config.json").exists()]
+    for name in sorted(set(plan) - set(todo), key=plan.index):
+        logger.info("%s/%s: built already in %s, skipped", family.name, name, args.out / name)
+    derived = any(parse_variant(name).kind != "fp32" for name in todo)
+    if derived and "fp32" not in todo and not (args.out / "fp32" / "config.json").exists():
+        todo.insert(0, "fp32")  # every derived variant starts from this FP32 model
+    if not todo:
+        return {}
     job = _job(family, args, ctx)
     c = family.compression
     started = time.perf_counter()
     fp32_recipe = _override(family.fp32, args)
-    overall = tqdm(total=3 + args.seed_control, desc=f"zoo {family.name}", unit="model", disable=not ctx.is_main)
-    fp32, metrics, reference = train_fp32(job, fp32_recipe, args.out / "fp32")
-    results = {"fp32": metrics}
-    overall.update()
-    _, results["int8"] = derive_int8(job, fp32, _override(c.int8, args), c.calibration_samples,
-                                     args.out / "int8", reference)
-    overall.update()
-    name = f"sparse{round(c.sparsity * 100)}"
-    _, results[name] = derive_sparse(job, fp32, _override(c.sparse, args), c.sparsity, c.sparsity_ramp,
-                                     args.out / name, reference, variant=name)
-    overall.update()
-    if args.seed_control:
-        control = f"fp32-seed{args.seed + 1}"
-        control_job = Job(**{**job.__dict__, "seed": args.seed + 1})
-        _, results[control], _ = train_fp32(control_job, fp32_recipe, args.out / control, variant=control)
+    overall = tqdm(total=len(todo), desc=f"zoo {family.name}", unit="model", disable=not ctx.is_main)
+    results: dict = {}
+    fp32 = reference = None
+    if "fp32" in todo:
+        fp32, results["fp32"], reference = train_fp32(job, fp32_recipe, args.out / "fp32")
+        overall.update()
+    for name in (n for n in todo if n != "fp32"):
+        spec = parse_variant(name)
+        if spec.kind == "fp32":  # a seed control: the same recipe with another seed
+            control_job = Job(**{**job.__dict__, "seed": spec.seed})
+            _, results[name], _ = train_fp32(control_job, fp32_recipe, args.out / name, variant=name)
+        else:
+            if fp32 is None:  # built in an earlier run: the same weights, read back exactly
+                fp32, reference = _fp32_reference(job, args.out / "fp32")
+            if name == "int8":
+                _, results[name] = derive_int8(job, fp32, _override(c.int8, args), c.calibration_samples,
+                                               args.out / name, reference)
+            else:
+                _, results[name] = derive_sparse(job, fp32, _override(c.sparse, args), spec.sparsity,
+                                                 c.sparsity_ramp, args.out / name, reference, variant=name)
         overall.update()
     overall.close()
     logger.info("zoo %s built in %.1f s", family.name, time.perf_counter() - started)

@@ -24,7 +24,23 @@ if TYPE_CHECKING:  # the registry imports the shapes class names from this packa
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHAPE_CLASSES", "ShapesDataset", "ShapesSpec", "build_dataset", "build_datasets"]
+__all__ = ["SHAPE_CLASSES", "ShapesDataset", "ShapesSpec", "build_dataset", "build_datasets", "offline_available"]
+
+
+def offline_available(family: str | ModelFamily) -> bool:
+    """Whether ``family``'s training data is on this machine without a download.
+
+    Generated data (shapes) always is; CIFAR-10 and ImageNet need a download or a copy.
+    The Space builds a zoo on the spot only for such families.
+
+    Example:
+        >>> offline_available("resnet18-shapes"), offline_available("resnet18-cifar10")
+        (True, False)
+    """
+    from surgery.registry import get_family  # the registry imports this package
+
+    spec = get_family(family) if isinstance(family, str) else family
+    return spec.dataset == "shapes"
 
 
 def build_dataset(family: ModelFamily, split: str, root: str | Path | None = None, *, download: bool = False,
