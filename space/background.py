@@ -98,6 +98,7 @@ class BackgroundBuild:
                     self.error = (f"the background training stopped (exit status {self._process.returncode}) "
                                   f"before {', '.join(self.pending)}; see {self.log_path}")
                     logger.error("%s: %s", self.family, self.error)
+                    self.session.zoo(self.family).pending = ()  # requests now hear "no such variant"
                 break
             self._stop.wait(self.poll_seconds)
         if self._process.poll() is None and not self.pending:

@@ -59,6 +59,7 @@ MIN_MAP_SIDE = 128
 # The maps fill their boxes (the browser scales them up smoothly); pass as ``launch(css=CSS)``.
 CSS = ".map img { width: 100%; height: 100%; object-fit: contain; }"
 MAPS_FOLDER = "surgery-maps"  # inside Gradio's cache folder
+COLUMN_MIN_WIDTH = 200  # four columns side by side on a laptop screen
 REFRESH_SECONDS = 3.0  # how often an open page asks whether a background variant has arrived
 COMPARISON_HEADERS = ["variant", "same prediction as FP32", "GradCAM Spearman", "GradCAM top-k IoU",
                       "saliency Spearman", "saliency top-k IoU"]
@@ -248,15 +249,20 @@ class Handlers:
         arrived, and the timer itself (stopped once nothing trains)."""
         status = self.training_status()
         current = {f: self.session.variant_names(f) for f in self.session.families}
-        changed = force or current != seen
+        changed = current != seen
+        # The page's own choices include what is still training (so that the API accepts those
+        # names with a clear "still training"); on load, narrow them to the ready ones.
+        narrow = force and any(z.pending for z in self.session.families.values())
         updates: list = []
         for family, value in zip(pickers[0::2], pickers[1::2]):
-            if not changed or family not in current:
+            if family not in current or not (changed or narrow):
                 updates.append(gr.skip())
-                continue
-            keep = value is not None and sorted(value) != sorted(default_columns(seen.get(family, [])))
-            updates.append(gr.CheckboxGroup(choices=_choices(current[family]),
-                                            value=value if keep else default_columns(current[family])))
+            elif not changed:  # choices only: a box the visitor ticked meanwhile stays ticked
+                updates.append(gr.CheckboxGroup(choices=_choices(current[family])))
+            else:
+                keep = value is not None and sorted(value) != sorted(default_columns(seen.get(family, [])))
+                updates.append(gr.CheckboxGroup(choices=_choices(current[family]),
+                                                value=value if keep else default_columns(current[family])))
         models = self.models(models_family) if changed and models_family in current else (gr.skip(), gr.skip())
         return [gr.Markdown(status, visible=bool(status)), current, *updates, *models,
                 gr.Timer(active=bool(status) or any(b.pending for b in self.session.builds.values()))]
@@ -327,7 +333,7 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
             with gr.Row(equal_height=True):
                 for i in range(MAX_COLUMNS):
                     with gr.Column(visible=i < len(shown), elem_classes=["variant-column"],
-                                   elem_id=f"column-{i}") as column:
+                                   elem_id=f"column-{i}", min_width=COLUMN_MIN_WIDTH) as column:
                         slots += [gr.Markdown(_slot_title(i, shown), elem_classes=["column-title"]),
                                   gr.Label(num_top_classes=TOP_K, label=f"top-{TOP_K}"),
                                   gr.Image(label="GradCAM", type="filepath", height=DISPLAY, elem_classes=["map"]),
@@ -353,7 +359,8 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
             f_columns, f_slots = [], []
             with gr.Row():
                 for i in range(MAX_COLUMNS):
-                    with gr.Column(visible=i < len(shown), elem_id=f"features-column-{i}") as column:
+                    with gr.Column(visible=i < len(shown), elem_id=f"features-column-{i}",
+                                   min_width=COLUMN_MIN_WIDTH) as column:
                         f_slots += [gr.Markdown(_slot_title(i, shown)),
                                     gr.Gallery(label="activation maximisation", columns=2, height="auto",
                                                format="png")]
