@@ -3,7 +3,7 @@
 On a fresh machine the app trains first what the default page needs and serves it (see
 :mod:`space.zoo_source`); :class:`BackgroundBuild` then runs the same training CLI in a child
 process (``python -m training zoo ... --variants <pending>``: the same recipe and seeds as a
-foreground build) at a lower CPU priority, so visitors' requests come first. A watcher thread
+foreground build; the ladder in a run of its own after the seed control) at a lower CPU priority, so visitors' requests come first. A watcher thread
 loads each variant as soon as its ``config.json`` appears and hands it to the shared
 :class:`~space.session.Session` with :meth:`~space.session.Session.add_variant`; the page's
 timer then adds it to the choices. The child's output goes to ``ZOO/<family>/.space-build.log``.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from space.zoo_source import load_member, zoo_argv
 from surgery.checkpoint import CONFIG_FILE, CheckpointError
+from surgery.variants import DEFAULT_ZOO, parse_variant
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,16 @@ def _child_setup() -> None:
         pass
 
 
+def batches(variants: list[str]) -> list[list[str]]:
+    """The default zoo's rest and the seed controls first, then the ladder, as separate runs:
+    a ladder rung this trainer cannot build must not hold back the seed control."""
+    first = [v for v in variants if v in DEFAULT_ZOO or parse_variant(v).is_seed_control]
+    rest = [v for v in variants if v not in first]
+    return [batch for batch in (first, rest) if batch]
+
+
 class BackgroundBuild:
-    """The pending variants of one family, trained by a child process, watched by a thread."""
+    """The pending variants of one family, trained by child processes, watched by a thread."""
 
     def __init__(self, session, family: str, directory: Path, variants: list[str],
                  steps: int | None = None, poll_seconds: float = 2.0) -> None:
@@ -56,7 +65,7 @@ class BackgroundBuild:
         self.variants = list(variants)
         self.steps = steps
         self.poll_seconds = poll_seconds
-        self.error: str | None = None
+        self.errors: list[str] = []
         self.log_path = self.directory / LOG_FILE
         self._process: subprocess.Popen | None = None
         self._stop = threading.Event()
@@ -64,45 +73,45 @@ class BackgroundBuild:
 
     @property
     def pending(self) -> list[str]:
-        """Variants not yet in the session (the session drops each one it gets)."""
-        return [v for v in self.variants if v not in self.session.zoo(self.family).variants]
+        """Variants not yet in the session (the session drops each one it gets) nor failed."""
+        return [v for v in self.session.zoo(self.family).pending if v in self.variants]
 
     def start(self) -> "BackgroundBuild":
-        command = [sys.executable, "-m", "training", *zoo_argv(self.family, self.directory, self.variants, self.steps)]
         logger.info("%s: training %s in the background (log: %s)", self.family, ", ".join(self.variants),
                     self.log_path)
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                             preexec_fn=_child_setup)
         self._thread.start()
         return self
 
     def stop(self) -> None:
         """End the child process (the CLI resumes it on the next start) and the watcher."""
         self._stop.set()
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(timeout=60)
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._collect()
-            if not self.pending:
-                break
-            if self._process.poll() is not None:
-                self._collect()  # the last variant may have been written just before the exit
-                if self.pending:
-                    self.error = (f"the background training stopped (exit status {self._process.returncode}) "
-                                  f"before {', '.join(self.pending)}; see {self.log_path}")
-                    logger.error("%s: %s", self.family, self.error)
-                    self.session.zoo(self.family).pending = ()  # requests now hear "no such variant"
-                break
-            self._stop.wait(self.poll_seconds)
-        if self._process.poll() is None and not self.pending:
-            self._process.wait()
+        for batch in batches(self.variants):
+            if self._stop.is_set():
+                return
+            command = [sys.executable, "-m", "training", *zoo_argv(self.family, self.directory, batch, self.steps)]
+            with open(self.log_path, "ab") as log:
+                self._process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                                 preexec_fn=_child_setup)
+            while self._process.poll() is None and not self._stop.wait(self.poll_seconds):
+                self._collect()
+            self._collect()  # the last variant may have been written just before the exit
+            missing = [v for v in batch if v in self.pending]
+            if missing and not self._stop.is_set():
+                error = (f"the background training of {', '.join(missing)} stopped (exit status "
+                         f"{self._process.returncode}); see {self.log_path}")
+                logger.error("%s: %s", self.family, error)
+                self.errors.append(error)
+                zoo = self.session.zoo(self.family)  # requests now hear "no such variant"
+                zoo.pending = tuple(v for v in zoo.pending if v not in missing)
 
     def _collect(self) -> None:
         for name in self.pending:
@@ -129,12 +138,11 @@ class BackgroundBuild:
         return parts[-1] if parts else ""
 
     def status_text(self) -> str:
-        """One line for the page: what is still training, or why it stopped."""
-        if self.error:
-            return f"**{self.family}**: {self.error}"
+        """Lines for the page: what is still training, and why anything stopped."""
+        lines = [f"**{self.family}**: {error}" for error in self.errors]
         pending = self.pending
-        if not pending:
-            return ""
-        now = self.progress()
-        return (f"**{self.family}**: still training {', '.join(pending)} in the background; each appears "
-                f"in the variant choices when ready." + (f" Now: `{now}`" if now else ""))
+        if pending:
+            now = self.progress()
+            lines.append(f"**{self.family}**: still training {', '.join(pending)} in the background; each "
+                         f"appears in the variant choices when ready." + (f" Now: `{now}`" if now else ""))
+        return "\n\n".join(lines)

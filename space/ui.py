@@ -250,12 +250,12 @@ class Handlers:
         status = self.training_status()
         current = {f: self.session.variant_names(f) for f in self.session.families}
         changed = current != seen
-        # The page's own choices include what is still training (so that the API accepts those
-        # names with a clear "still training"); on load, narrow them to the ready ones.
-        narrow = force and any(z.pending for z in self.session.families.values())
+        # The page's own choices are every family's variants, those still training included (so
+        # that the API accepts any of them, with a clear message); on load, narrow them to the
+        # family's ready ones.
         updates: list = []
         for family, value in zip(pickers[0::2], pickers[1::2]):
-            if family not in current or not (changed or narrow):
+            if family not in current or not (changed or force):
                 updates.append(gr.skip())
             elif not changed:  # choices only: a box the visitor ticked meanwhile stays ticked
                 updates.append(gr.CheckboxGroup(choices=_choices(current[family])))
@@ -265,7 +265,7 @@ class Handlers:
                                                 value=value if keep else default_columns(current[family])))
         models = self.models(models_family) if changed and models_family in current else (gr.skip(), gr.skip())
         return [gr.Markdown(status, visible=bool(status)), current, *updates, *models,
-                gr.Timer(active=bool(status) or any(b.pending for b in self.session.builds.values()))]
+                gr.Timer(active=any(b.pending for b in self.session.builds.values()))]
 
     def pick_family(self, family: str) -> gr.CheckboxGroup:
         """A tab's family changed: its variants, with the default columns chosen."""
@@ -403,7 +403,7 @@ def build_demo(session: Session, examples: list[Path], concurrency: int = 2,
 
         # Variants trained in the background join the choices: on page load, then every few
         # seconds while something trains (the timer stops itself after).
-        timer = gr.Timer(REFRESH_SECONDS, active=bool(status_text) or any(z.pending for z in session.families.values()))
+        timer = gr.Timer(REFRESH_SECONDS, active=any(z.pending for z in session.families.values()))
         pickers = [family, variants, f_family, f_variants, r_family, r_variants]
         refresh_out = [status, seen, variants, f_variants, r_variants, m_table, m_code, timer]
         timer.tick(h.refresh, [seen, m_family, *pickers], refresh_out, api_visibility="private", queue=False,

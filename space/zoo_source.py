@@ -141,8 +141,8 @@ class BuildOptions:
     def plan(self) -> list[str]:
         """Everything a zoo built here gets: first ``serve_after``, then the default zoo, the
         seed control and, with ``ladder``, the whole ladder."""
-        rest = sort_variants(dict.fromkeys((*DEFAULT_ZOO, SEED_CONTROLS[0], *(LADDER if self.ladder else ()))))
-        return list(dict.fromkeys((*self.serve_after, *rest)))
+        ladder = sort_variants(LADDER) if self.ladder else []
+        return list(dict.fromkeys((*self.serve_after, *DEFAULT_ZOO, SEED_CONTROLS[0], *ladder)))
 
 
 def load_member(name: str, location: str | Path, family: str, repo_id: str | None = None,
