@@ -154,7 +154,7 @@ def test_bad_explain_arguments_get_a_clear_message(client, example, args, messag
 def test_features_serve_the_precomputed_channels_equal_to_a_fresh_run(client, tiny_zoo):
     out = client.predict(FAMILY, "layer4", "0, 1, 2, 3", 8, api_name="/features")
     titles, galleries = out[0::2], out[1::2]
-    assert titles == ["### FP32", "### INT8 (W8A8)", "### 90% sparse", ""]
+    assert list(titles) == ["### FP32", "### INT8 (W8A8)", "### 90% sparse", ""]
     assert [len(g or []) for g in galleries] == [4, 4, 4, 0]
     assert [item["caption"] for item in galleries[0]] == [f"layer4 channel {c}" for c in range(4)]
     model, _ = load_variant(tiny_zoo / "fp32")
