@@ -1,7 +1,7 @@
 """The Space's speed: one Explain request per family against its floor, and start-up to first answer.
 
 1. **Explain vs floor.** The floor is what one Explain request cannot do without: one forward and
-   one backward pass (to the input) of each of the three variants on the image. Measured in the
+   one backward pass (to the input) of each variant of the default columns on the image. Measured in the
    same process, interleaved, medians of ``--repeats``:
 
    - ``handler``: the page's Explain handler in-process (decode, crop, three fused
@@ -9,8 +9,8 @@
    - ``http``: the same request through the running app with ``gradio_client`` (upload, queue,
      PNG encoding and download of the six maps included);
    - ``http, raw``: the same request as the page's own JavaScript client makes it, over one
-     keep-alive connection: upload, ``/gradio_api/call/explain``, its event stream, then the six
-     maps fetched in parallel as a browser does. ``gradio_client`` adds ~100 ms of its own per call
+     keep-alive connection: upload, ``/gradio_api/call/explain``, its event stream, then the
+     maps (two per column) fetched in parallel as a browser does. ``gradio_client`` adds ~100 ms of its own per call
      (the last line of the table compares both on a request that computes nothing).
 
    Families without a local zoo are measured on stand-in variants built here with
@@ -21,9 +21,16 @@
    with cold caches (empty ``--cache-dir`` and ``TORCH_EXTENSIONS_DIR``: NNCF's CPU extension is
    compiled and the Features tab's first view is computed) and then warm (both reused).
 
+3. **Fresh machine** (``--fresh``). ``python app.py`` with no Hub (``HF_HUB_OFFLINE=1``, empty
+   ``HF_HOME``), no zoo, a fresh cache and a fresh NNCF extension dir: it trains the variants it
+   serves first (``--serve-after``), serves, and trains the rest in the background. Measured:
+   seconds to the page, to the first Explain answer (the target: at most 6 minutes on 2 cores),
+   and until every background variant is in the page.
+
 Usage:
     python bench/bench_app.py --zoo zoo/resnet18-shapes [--families resnet18-shapes resnet50-imagenet]
                               [--repeats 5] [--startup]
+    python bench/bench_app.py --families --fresh [--serve-after fp32,int8] [--build-steps N]
 """
 
 from __future__ import annotations
@@ -54,12 +61,15 @@ from space.examples import PHOTOS, Example, photo_path  # noqa: E402
 from space.preparing import serves_the_space  # noqa: E402
 from space.session import Session  # noqa: E402
 from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
-from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
+from space.zoo_source import SERVE_AFTER, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
 from surgery import compression  # noqa: E402
 from surgery.devices import faithful, resolve_device  # noqa: E402
 from surgery.images import load_image  # noqa: E402
 from surgery.registry import build_model, get_family  # noqa: E402
 from timing import measure  # noqa: E402
+
+
+STAND_INS = ("fp32", "int8", "sparse90")
 
 
 def stand_in_zoo(family_name: str) -> FamilyZoo:
@@ -76,17 +86,15 @@ def stand_in_zoo(family_name: str) -> FamilyZoo:
     config = {"class_names": list(family.class_names), "metrics": {}}
     variants = {name: LoadedVariant(name, model.eval(), {**config, "weights": {"sha256": f"bench-{name}" * 2}},
                                     "stand-in (untrained)")
-                for name, model in zip(VARIANTS, (fp32, int8, sparse))}
+                for name, model in zip(STAND_INS, (fp32, int8, sparse))}
     return FamilyZoo(family_name, variants, "stand-in variants built by the bench")
 
 
-def floor_once(zoo: FamilyZoo, x: torch.Tensor) -> float:
-    """One forward and one backward to the input per variant: what any Explain must at least do
+def floor_once(zoo: FamilyZoo, x: torch.Tensor, columns: list[str]) -> float:
+    """One forward and one backward to the input per column: what any Explain must at least do
     (the image moved to the models' device and the input gradient back, as a request does)."""
     started = time.perf_counter()
-    for variant in zoo.variants.values():
-        if variant.name not in VARIANTS:
-            continue
+    for variant in (zoo.variants[name] for name in columns):
         device = next(variant.model.parameters()).device
         image = x[None].to(device).requires_grad_(True)
         with compression.forward_lock(variant.model):
@@ -109,13 +117,14 @@ def _raw_call(http: httpx.Client, api: str, data: list) -> list:
     return json.loads(payload)
 
 
-def raw_explain(http: httpx.Client, photo: Path, family: str, pool: ThreadPoolExecutor) -> None:
+def raw_explain(http: httpx.Client, photo: Path, family: str, columns: list[str], pool: ThreadPoolExecutor) -> None:
     """Upload, Explain, then fetch the maps in parallel: the page's own sequence of requests."""
     files = {"files": (photo.name, photo.read_bytes(), "image/png")}
     path = http.post("/gradio_api/upload", files=files).raise_for_status().json()[0]
-    outputs = _raw_call(http, "explain", [{"path": path, "meta": {"_type": "gradio.FileData"}}, family, "gradient"])
+    outputs = _raw_call(http, "explain", [{"path": path, "meta": {"_type": "gradio.FileData"}}, family, "gradient",
+                                          columns])
     urls = [o["url"] for o in outputs if isinstance(o, dict) and o.get("url")]
-    assert len(urls) == 2 * len(VARIANTS), f"expected {2 * len(VARIANTS)} maps, got {urls}"
+    assert len(urls) == 2 * len(columns), f"expected {2 * len(columns)} maps, got {urls}"
     list(pool.map(lambda url: http.get(url).raise_for_status().content, urls))
 
 
@@ -128,25 +137,27 @@ def explain_table(families: dict[str, FamilyZoo], photo: Path, repeats: int, dev
     http = httpx.Client(base_url=demo.local_url.rstrip("/"), timeout=60)
     pool = ThreadPoolExecutor(6)  # a browser's connections per host
     payload = {"path": str(photo), "orig_name": photo.name}
-    print("| family | origin | floor: fwd+bwd x3 (ms) | handler (ms) | handler / floor | http, gradio_client (ms) "
+    print("| family | origin | floor: fwd+bwd per column (ms) | handler (ms) | handler / floor | http, gradio_client (ms) "
           "| ratio | http, raw (ms) | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for name, zoo in families.items():
             x = load_image(photo, get_family(name).input_size)
+            columns = session.default_columns(name)
             runs = {"floor": [], "handler": [], "http": [], "raw": []}
-            requests = {"http": lambda: client.predict(handle_file(str(photo)), name, "gradient", api_name="/explain"),
-                        "raw": lambda: raw_explain(http, photo, name, pool)}
+            requests = {"http": lambda: client.predict(handle_file(str(photo)), name, "gradient", columns,
+                                                       api_name="/explain"),
+                        "raw": lambda: raw_explain(http, photo, name, columns, pool)}
             for _ in range(2):  # warm-up: first calls allocate, load NNCF's extension, fill caches
-                floor_once(zoo, x), handlers.explain(payload, name, "gradient")
+                floor_once(zoo, x, columns), handlers.explain(payload, name, "gradient", columns)
                 requests["http"](), requests["raw"]()
             served_maps = Path(demo.GRADIO_CACHE) / MAPS_FOLDER
             for _ in range(repeats):  # interleaved, so a busy moment hits every column alike
-                runs["floor"].append(floor_once(zoo, x))
+                runs["floor"].append(floor_once(zoo, x, columns))
                 # Maps are stored by content: clear them, so that every request encodes its maps.
                 shutil.rmtree(handlers.maps_dir, ignore_errors=True)
                 started = time.perf_counter()
-                handlers.explain(payload, name, "gradient")
+                handlers.explain(payload, name, "gradient", columns)
                 runs["handler"].append(time.perf_counter() - started)
                 for key, request in requests.items():
                     shutil.rmtree(served_maps, ignore_errors=True)
@@ -211,6 +222,57 @@ def startup_table(zoo: Path, photo: Path, repeats: int) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def fresh_machine(photo: Path, serve_after: str, build_steps: int | None, timeout: float = 3600) -> dict:
+    """``python app.py`` with no Hub, no zoo and fresh caches: seconds to the page, to the first
+    Explain answer, and until the background variants are all in the page."""
+    work = Path(tempfile.mkdtemp(prefix="bench-fresh-"))
+    port = _free_port()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(work / "ext"), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(work / "hf")}
+    command = [sys.executable, "app.py", "--zoo", str(work / "zoo"), "--families", "resnet18-shapes",
+               "--cache-dir", str(work / "cache"), "--port", str(port), "--serve-after", serve_after]
+    command += ["--build-steps", str(build_steps)] if build_steps else []
+    log = work / "app.log"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = {}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while not serves_the_space(url):
+            if process.poll() is not None or time.perf_counter() - started > timeout:
+                raise RuntimeError(f"python app.py did not serve (exit {process.poll()}); see {log}")
+            time.sleep(0.5)
+        seconds["page"] = time.perf_counter() - started
+        client = Client(url, verbose=False)
+        out = client.predict(handle_file(str(photo)), "resnet18-shapes", "gradient", api_name="/explain")
+        seconds["first Explain answer"] = time.perf_counter() - started
+        seconds["columns of that answer"] = sum(1 for i in range(0, 16, 4) if out[i])
+        while True:  # the background variants: in the Models table once the page has them
+            table, text = client.predict("resnet18-shapes", api_name="/models")
+            if "Still training" not in text:
+                break
+            if process.poll() is not None or time.perf_counter() - started > timeout:
+                raise RuntimeError(f"the background variants did not arrive; see {log}")
+            time.sleep(2)
+        seconds["every variant in the page"] = time.perf_counter() - started
+        seconds["variants"] = ", ".join(row[0] for row in table["data"])
+        return seconds
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fresh_table(photo: Path, serve_after: str, build_steps: int | None) -> None:
+    seconds = fresh_machine(photo, serve_after, build_steps)
+    steps = f", every epoch cut to {build_steps} steps" if build_steps else ", the full recipe"
+    print(f"\n| fresh machine (no Hub, no zoo, fresh caches; served first: {serve_after}{steps}) | seconds |")
+    print("|---|---|")
+    for key, value in seconds.items():
+        print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, help="resnet18-shapes zoo (fp32/, int8/, sparse90/); "
@@ -223,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--device", help="the Space's device: cpu, cuda, cuda:N or auto (env SURGERY_DEVICE; "
                                           "default auto)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="also time python app.py on a fresh machine (builds the zoo: minutes)")
+    parser.add_argument("--serve-after", default=",".join(SERVE_AFTER), help="passed to app.py with --fresh")
+    parser.add_argument("--build-steps", type=int, help="passed to app.py with --fresh (a smoke run of the bench)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -241,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.zoo:
             parser.error("--startup needs --zoo (python app.py serves a real zoo)")
         startup_table(args.zoo, photo, args.startup_repeats)
+    if args.fresh:
+        fresh_table(photo, args.serve_after, args.build_steps)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Hugging Face Space: FP32 | INT8 | sparse side by side (``python app.py``).
+"""The Hugging Face Space: FP32 and its compressed variants side by side (``python app.py``).
 
 Importing this package switches off Gradio's analytics and the Hub client's telemetry before
 either library is imported: the Space makes no request outside its machine.

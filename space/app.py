@@ -1,9 +1,11 @@
 """Start the Space: find the models, warm the caches, serve the page.
 
 ``python app.py`` with no arguments pulls the default Hub repos, falls back to a local zoo,
-and on a machine with neither trains the ``resnet18-shapes`` zoo first (see
-:mod:`space.zoo_source`). Until the models are ready, the address serves a page with the live
-progress (:mod:`space.preparing`), which turns into the Space when it is up. Flags override the
+and on a machine with neither trains the ``resnet18-shapes`` zoo (see :mod:`space.zoo_source`):
+first what the default page needs (``--serve-after``), then, while the page is served, the rest
+(the seed control; the whole ladder with ``--ladder``) in the background (:mod:`space.background`).
+Until the first models are ready, the address serves a page with the live progress
+(:mod:`space.preparing`), which turns into the Space when it is up. Flags override the
 ``SURGERY_*`` environment variables:
 
     python app.py --zoo /data/zoo --source local --port 7860
@@ -27,11 +29,12 @@ if importlib.util.find_spec("gradio") is None:  # `pip install compressed-cnn-su
 
 import gradio as gr  # noqa: E402
 
+from space.background import BackgroundBuild
 from space.examples import write_examples
 from space.preparing import StartupLog, preparing_page
 from space.session import DEFAULT_STEPS, Session
 from space.ui import CSS, build_demo
-from space.zoo_source import SOURCES, SourceConfig, SourceError, resolve
+from space.zoo_source import SERVE_AFTER, SOURCES, BuildOptions, SourceConfig, SourceError, resolve
 from surgery.devices import ENV as DEVICE_ENV, faithful, resolve_device
 from surgery.images import MAX_FILE_BYTES
 
@@ -62,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"),
                    help="where models run: auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N "
                         f"(env {DEVICE_ENV})")
+    p.add_argument("--serve-after", default=os.environ.get("SURGERY_SERVE_AFTER", ",".join(SERVE_AFTER)),
+                   help="when the zoo is built here, the variants trained before the page is served; the rest "
+                        "trains in the background (env SURGERY_SERVE_AFTER; default %(default)s)")
+    p.add_argument("--ladder", action="store_true", default=os.environ.get("SURGERY_LADDER", "") not in ("", "0"),
+                   help="when the zoo is built here, also train the whole compression ladder in the background "
+                        "(env SURGERY_LADDER=1)")
     p.add_argument("--host", default=None, help="address to listen on (Gradio's default, or GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="port (Gradio's default, or GRADIO_SERVER_PORT)")
     return p
@@ -75,10 +84,16 @@ def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
 def _create(args: argparse.Namespace) -> tuple[gr.Blocks, dict]:
     config = SourceConfig.from_env(hub_org=args.hub_org, families=args.families, zoo=args.zoo,
                                    source=args.source, revision=args.revision)
+    build = BuildOptions(steps=args.build_steps, ladder=args.ladder,
+                         serve_after=tuple(v.strip() for v in args.serve_after.split(",") if v.strip()))
     cache = Path(args.cache_dir)
     device = resolve_device(args.device)  # before any model loads: a bad --device fails at once
     faithful(device)
-    session = Session(resolve(config, build_steps=args.build_steps), cache_dir=cache, device=device)
+    session = Session(resolve(config, build), cache_dir=cache, device=device)
+    for family, zoo in session.families.items():
+        if zoo.pending:
+            session.builds[family] = BackgroundBuild(session, family, zoo.directory, list(zoo.pending),
+                                                     steps=args.build_steps).start()
     first = next(iter(session.families))
     logger.info("precomputing the Features tab's first view for %s", first)
     session.precompute(first, args.feature_steps)

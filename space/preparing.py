@@ -1,6 +1,7 @@
 """The page served while the Space prepares its models: live progress instead of a dead port.
 
-Pulling the models takes seconds; building the shapes zoo on a fresh machine takes minutes.
+Pulling the models takes seconds; building the first variants of the shapes zoo on a fresh
+machine takes minutes (the rest trains in the background once the Space is up).
 Meanwhile this page shows the progress bars of whatever runs (the trainer's epochs, the data
 generation, the Features precompute: read from tqdm's live bars, so the training code needs no
 hook) and the last log lines, refreshed every second. It reloads itself into the real page as
@@ -112,8 +113,9 @@ def preparing_page(log: StartupLog) -> gr.Blocks:
     """A page with the live status; ``/status`` returns the same HTML to API clients."""
     with gr.Blocks(title=TITLE) as page:
         gr.Markdown("# Compressed CNN surgery\nThe models are being prepared: pulled from the Hub, "
-                    "loaded from a local zoo, or, on a machine with neither, trained here "
-                    "(about 5 minutes on 2 CPU cores).")
+                    "loaded from a local zoo, or, on a machine with neither, trained here: first "
+                    "what the first page needs (a few minutes on 2 CPU cores), the rest in the "
+                    "background once the Space is up.")
         status = gr.HTML(status_html(log))
         timer = gr.Timer(1.0)
         timer.tick(lambda: status_html(log), None, status, api_name="status", show_progress="hidden")

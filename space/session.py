@@ -11,9 +11,13 @@ gradients only, and a frozen model has no ``.grad`` for requests to leak through
 gradients live: models move there once, at construction; each request's input moves there and its
 answer comes back to the CPU for drawing.
 
+Any set of variants: each request names the variants it wants side by side (at most
+:data:`MAX_COLUMNS`); comparisons are always against ``fp32``. Variants trained in the
+background join a running session with :meth:`Session.add_variant`.
+
 Example:
     >>> session = Session(resolve(SourceConfig(source="local")), cache_dir=Path(".cache"))
-    >>> result = session.explain("resnet18-shapes", image, method="gradient")
+    >>> result = session.explain("resnet18-shapes", image, "gradient", ["fp32", "int8", "sparse90"])
     >>> result.comparisons[0].same_prediction
 """
 
@@ -33,22 +37,37 @@ from PIL import Image
 from torch import nn
 
 from space.examples import reference_images
-from space.zoo_source import CONTROL, VARIANTS, FamilyZoo, LoadedVariant
+from space.zoo_source import REQUIRED, FamilyZoo, LoadedVariant
 from surgery import attribution, compression
 from surgery.devices import DeviceSpec, describe, move, resolve_device
 from surgery.actmax import activation_maximization
 from surgery.registry import get_family
 from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, residual_blocks, topk_iou
+from surgery.variants import DEFAULT_COLUMNS, parse_variant, sort_variants
 
 logger = logging.getLogger(__name__)
 
 SALIENCY_METHODS = attribution.METHODS
-COMPARED = tuple(v for v in VARIANTS if v != "fp32")
+MAX_COLUMNS = 4  # variants side by side: what fits a page, and what the page has slots for
 MAX_CHANNELS = 8
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 8, 256, 64
 DEFAULT_CHANNELS = (0, 1, 2, 3)
 TOP_K = 5
 CKA_BATCHES = 10  # the minibatch CKA interval resamples batches: about 10 make a usable one
+
+
+def default_columns(names: list[str]) -> list[str]:
+    """The columns a page starts with: FP32, INT8, INT4 and sparse90 among ``names``; where none
+    of those compressed ones is there, the first variants in display order (seed controls left out).
+
+    Example:
+        >>> default_columns(["fp32", "int8", "sparse50", "sparse90", "fp32-seed1"])
+        ['fp32', 'int8', 'sparse90']
+    """
+    chosen = [v for v in DEFAULT_COLUMNS if v in names]
+    if len(chosen) < 2:
+        chosen += [v for v in sort_variants(names) if v not in chosen and not parse_variant(v).is_seed_control]
+    return sort_variants(chosen[:MAX_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -78,15 +97,15 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Explanation:
-    variants: dict[str, VariantExplanation]
-    comparisons: list[Comparison]
+    variants: dict[str, VariantExplanation]  # the chosen ones, in display order
+    comparisons: list[Comparison]  # each chosen variant other than FP32, against FP32
 
 
 @dataclass(frozen=True)
 class Representations:
-    """Layer x layer CKA of FP32 against each other variant, and what it says in words."""
+    """Layer x layer CKA of FP32 against each chosen variant and every seed control, in words."""
 
-    pairs: dict[str, LayerSimilarity]  # other variant -> CKA(FP32 layers, its layers)
+    pairs: dict[str, LayerSimilarity]  # other variant -> CKA(FP32 layers, its layers); controls last
     reading: str
 
 
@@ -103,8 +122,26 @@ class Session:
                 move(variant.model, self.device).eval().requires_grad_(False)
         logger.info("models on %s", describe(self.device))
         self._memo_lock = threading.Lock()
-        self._similarity: dict[str, Representations] = {}
+        self._added = threading.Lock()
+        self.version = 0  # counts added variants: pages refresh their choices when it moves
+        self.builds: dict[str, object] = {}  # family -> its background build (space.background)
+        self._similarity: dict[tuple[str, str], LayerSimilarity] = {}
         self._sparsity: dict[tuple[str, str], float] = {}
+
+    def add_variant(self, family: str, variant: LoadedVariant) -> None:
+        """Make a newly trained variant available to every request from now on (thread-safe).
+
+        Requests iterate over a snapshot of a family's variants: the dict is replaced, never
+        changed in place, so a request running now keeps the set it started with.
+        """
+        move(variant.model, self.device).eval().requires_grad_(False)
+        with self._added:
+            zoo = self.zoo(family)
+            self._locks[family, variant.name] = threading.Lock()
+            merged = {**zoo.variants, variant.name: variant}
+            zoo.variants = {name: merged[name] for name in sort_variants(merged)}
+            zoo.pending = tuple(v for v in zoo.pending if v != variant.name)
+            self.version += 1
 
     def zoo(self, family: str) -> FamilyZoo:
         try:
@@ -112,44 +149,78 @@ class Session:
         except KeyError:
             raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(self.families)}") from None
 
+    def variant_names(self, family: str) -> list[str]:
+        """The family's loaded variants, in display order."""
+        return list(self.zoo(family).variants)
+
+    def default_columns(self, family: str) -> list[str]:
+        return default_columns(self.variant_names(family))
+
+    def seed_controls(self, family: str) -> list[str]:
+        return [v for v in self.variant_names(family) if parse_variant(v).is_seed_control]
+
+    def check_variants(self, family: str, variants: list[str] | tuple[str, ...] | None) -> list[str]:
+        """The chosen variants in display order, or a ``ValueError`` saying what is wrong."""
+        if isinstance(variants, str):  # "fp32, int8" from an API client
+            variants = variants.split(",")
+        if not isinstance(variants, (list, tuple)):
+            raise ValueError(f"variants must be a list of variant names, got {variants!r}")
+        chosen = list(dict.fromkeys(str(v).strip() for v in variants if str(v).strip()))
+        if not chosen:
+            raise ValueError("choose at least one variant")
+        if len(chosen) > MAX_COLUMNS:
+            raise ValueError(f"at most {MAX_COLUMNS} variants side by side, got {len(chosen)}: {', '.join(chosen)}")
+        zoo = self.zoo(family)
+        for name in chosen:
+            parse_variant(name)  # ValueError with the grammar for a name that is no variant at all
+            if name in zoo.pending:
+                raise ValueError(f"{name} of {family} is still training; it appears in the choices when ready")
+            if name not in zoo.variants:
+                raise ValueError(f"{family} has no variant {name!r}; it has {', '.join(zoo.variants)}")
+        return sort_variants(chosen)
+
     @contextmanager
     def model(self, family: str, variant: str) -> Iterator[nn.Module]:
         """Exclusive use of one shared model for the duration of the block."""
         zoo = self.zoo(family)
-        if variant not in zoo.variants:
+        loaded = zoo.variants.get(variant)
+        if loaded is None:
             raise ValueError(f"{family} has no variant {variant!r}; it has {', '.join(zoo.variants)}")
         with self._locks[family, variant]:
-            yield zoo.variants[variant].model
+            yield loaded.model
 
     # -- Explain ----------------------------------------------------------------------------------
 
-    def explain(self, family: str, image: torch.Tensor, method: str = "gradient") -> Explanation:
-        """Every variant on one image ``[3, H, W]``: one pass per model (plus the extra passes a
-        non-gradient saliency ``method`` needs), then each compressed variant against FP32."""
+    def explain(self, family: str, image: torch.Tensor, method: str = "gradient",
+                variants: list[str] | None = None) -> Explanation:
+        """The chosen ``variants`` (default: :meth:`default_columns`) on one image ``[3, H, W]``:
+        one pass per model (plus the extra passes a non-gradient saliency ``method`` needs), then
+        each chosen variant other than FP32 against FP32 (which runs too when not chosen)."""
         if method not in SALIENCY_METHODS:
             raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
+        chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
         layer = get_family(family).gradcam_layer
         x = image[None].to(self.device)
         answers = {}
-        for name in VARIANTS:
+        for name in sort_variants({REQUIRED, *chosen}):
             with self.model(family, name) as model:
                 out = attribution.explain(model, x, layer=layer)
                 saliency = (out.saliency if method == "gradient"
                             else attribution.saliency(model, x, target=out.target, method=method))
             answers[name] = VariantExplanation(out.probabilities[0].cpu(), out.gradcam[0].cpu(), saliency[0].cpu())
-        reference = answers["fp32"]
-        comparisons = [_compare(name, reference, answers[name]) for name in COMPARED]
-        return Explanation(answers, comparisons)
+        reference = answers[REQUIRED]
+        comparisons = [_compare(name, reference, answers[name]) for name in chosen if name != REQUIRED]
+        return Explanation({name: answers[name] for name in chosen}, comparisons)
 
     # -- Features ---------------------------------------------------------------------------------
 
     def layers(self, family: str) -> list[str]:
         """The stages whose channels the Features tab offers (``layer1`` ... ``layer4``)."""
-        model = self.zoo(family).variants["fp32"].model
+        model = self.zoo(family).variants[REQUIRED].model
         return [name for name, _ in model.named_children() if name.startswith("layer")]
 
     def channels(self, family: str, layer: str) -> int:
-        model = self.zoo(family).variants["fp32"].model
+        model = self.zoo(family).variants[REQUIRED].model
         return _out_channels(model.get_submodule(layer))
 
     def check_features_request(self, family: str, layer: str, channels: list[int], steps: int) -> None:
@@ -167,24 +238,26 @@ class Session:
             raise ValueError(f"steps must be between {MIN_STEPS} and {MAX_STEPS}, got {steps}")
 
     def features(self, family: str, layer: str, channels: list[int], steps: int = DEFAULT_STEPS,
-                 progress: Callable[[float, str], None] | None = None) -> dict[str, list[Path]]:
-        """Activation-maximisation images per variant, one PNG file per channel.
+                 progress: Callable[[float, str], None] | None = None,
+                 variants: list[str] | None = None) -> dict[str, list[Path]]:
+        """Activation-maximisation images per chosen variant, one PNG file per channel.
 
         Results are cached on disk by weights hash, layer, channel and steps: the first channels
         a visitor sees are computed at start-up and appear at once. The files are what the page
         serves, so a cached answer is never decoded and encoded again.
         """
         self.check_features_request(family, layer, channels, steps)
+        chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
         zoo = self.zoo(family)
         result = {}
-        for i, name in enumerate(VARIANTS):
+        for i, name in enumerate(chosen):
             variant = zoo.variants[name]
             paths = {c: self._feature_path(variant, layer, c, steps) for c in channels}
             missing = [c for c, p in paths.items() if not p.exists()]
             if missing:
                 def report(step: int, total: int, i=i, name=name) -> None:
                     if progress is not None:
-                        progress((i + step / total) / len(VARIANTS), f"{name}: step {step} of {total}")
+                        progress((i + step / total) / len(chosen), f"{name}: step {step} of {total}")
                 with self.model(family, name) as model:
                     found = activation_maximization(model, layer, missing, steps=steps, seed=0,
                                                     size=get_family(family).input_size, progress=report)
@@ -203,16 +276,21 @@ class Session:
 
     # -- Representations --------------------------------------------------------------------------
 
-    def representations(self, family: str) -> Representations:
-        """CKA of FP32 with INT8, sparse90 and (where present) the seed control; computed once."""
-        zoo = self.zoo(family)
-        with self._memo_lock:  # one computation per family even when visitors ask at once
-            if family not in self._similarity:
-                images = reference_images(get_family(family))
-                pairs = {other: self._cka(family, other, images)
-                         for other in (*COMPARED, CONTROL) if other in zoo.variants}
-                self._similarity[family] = Representations(pairs, _reading(pairs, len(images)))
-            return self._similarity[family]
+    def representations(self, family: str, variants: list[str] | None = None) -> Representations:
+        """CKA of FP32 with each chosen variant and with every seed control (the reference band:
+        how much two equally good FP32 networks differ); each pair is computed once."""
+        chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
+        controls = self.seed_controls(family)
+        others = [v for v in chosen if v != REQUIRED and v not in controls] + controls
+        images = None
+        pairs = {}
+        for other in others:
+            with self._memo_lock:  # one computation per pair even when visitors ask at once
+                if (family, other) not in self._similarity:
+                    images = reference_images(get_family(family)) if images is None else images
+                    self._similarity[family, other] = self._cka(family, other, images)
+                pairs[other] = self._similarity[family, other]
+        return Representations(pairs, _reading(pairs, controls))
 
     def _cka(self, family: str, other: str, images: torch.Tensor) -> LayerSimilarity:
         """FP32 vs ``other`` over ``images``, from the disk cache when these weights were seen before."""
@@ -265,25 +343,38 @@ def _similarity_from_dict(data: dict) -> LayerSimilarity:
                               "high": matrix(data["high"])})
 
 
-def _reading(pairs: dict[str, LayerSimilarity], num_images: int) -> str:
-    """A few sentences on the diagonals: how alike each variant's layers are to FP32's same layers."""
+def _reading(pairs: dict[str, LayerSimilarity], controls: list[str]) -> str:
+    """A few sentences on the diagonals (each layer against the same layer of FP32), each
+    compressed variant set against the seed controls: the only fair measure of "differs"."""
+    if not pairs:
+        return "Choose a variant other than FP32 to compare its layers with FP32's."
+    num_images = next(iter(pairs.values())).num_images
     lines = [f"On {num_images} reference images; the diagonal compares each layer with the same layer."]
     diagonal = {}
     for other, sim in pairs.items():
         values = np.diag(sim.values)
-        diagonal[other] = float(np.nanmean(values))
+        diagonal[other] = values
         worst = int(np.nanargmin(values))
-        lines.append(f"- FP32 vs **{other}**: diagonal CKA {diagonal[other]:.2f} on average, lowest "
+        lines.append(f"- FP32 vs **{other}**: diagonal CKA {np.nanmean(values):.2f} on average, lowest "
                      f"{values[worst]:.2f} at `{sim.layers_a[worst]}`.")
-    if CONTROL in diagonal:
-        control = diagonal[CONTROL]
-        for other in (v for v in COMPARED if v in diagonal):
-            verdict = "less" if diagonal[other] > control else "more"
-            lines.append(f"- {other} changes the representations {verdict} than training FP32 again with "
-                         f"another seed does ({diagonal[other]:.2f} vs {control:.2f}).")
-    else:
+    compared = [v for v in pairs if v not in controls]
+    if not controls:
         lines.append("- No FP32 model with another seed in this zoo: there is no control for how much "
                      "two equally good FP32 networks differ.")
+        return "\n".join(lines)
+    band = np.stack([diagonal[c] for c in controls])  # [controls, layers]
+    low, high = float(np.nanmean(band, axis=1).min()), float(np.nanmean(band, axis=1).max())
+    names = ", ".join(controls)
+    band_text = f"{low:.2f}" if len(controls) == 1 else f"{low:.2f} to {high:.2f}"
+    lines.append(f"- Reference band, FP32 vs FP32 trained again with another seed ({names}): {band_text}.")
+    layer_low = np.nanmin(band, axis=0)  # per layer, the least similar control
+    for other in compared:
+        mean = float(np.nanmean(diagonal[other]))
+        verdict = ("less than" if mean > high else "more than" if mean < low else "about as much as")
+        below = int(np.sum(diagonal[other] < layer_low))
+        lines.append(f"- {other} changes the representations {verdict} training FP32 again with another "
+                     f"seed does ({mean:.2f} vs {band_text}); below the control at {below} of "
+                     f"{len(layer_low)} layers.")
     return "\n".join(lines)
 
 

@@ -1,15 +1,24 @@
 """The Space's page: Blocks layout and event wiring. Everything it computes comes from ``surgery``.
 
-Each tab's action has a stable API name for ``gradio_client``:
+The visitor chooses which variants stand side by side (up to four). The page has a fixed four
+column slots per tab; a request fills the first ones in display order and hides the others,
+so one set of components serves any choice. Each tab's action has a stable API name for
+``gradio_client`` (``variants``: a list of variant names such as ``["fp32", "int8", "int4"]``):
 
-- ``/explain`` (image, family, saliency method): per variant FP32 | INT8 | sparse90 the top-5,
-  a GradCAM overlay and a saliency map, then a table of each compressed variant against FP32;
-- ``/features`` (family, layer, channels, steps): activation-maximisation images per variant;
-- ``/representations`` (family): CKA heatmaps layer x layer and a short reading;
+- ``/explain`` (image, family, saliency method, variants): per column its title, top-5, GradCAM
+  overlay and saliency map (4 x 4 values; unused columns give ``""`` and ``None``), then a table
+  of each chosen variant other than FP32 against FP32;
+- ``/features`` (family, layer, channels, steps, variants): per column its title and the
+  activation-maximisation images (4 x 2 values);
+- ``/representations`` (family, variants): CKA heatmaps layer x layer of FP32 against each
+  chosen variant and the seed controls (the reference band), and a short reading;
 - ``/models`` (family): accuracy, agreement, sparsity, size, source and loading code per variant,
   and its OpenVINO size and speed on this machine (:mod:`space.deployment`);
 - ``/model_view`` (image, family): the image as the family's models read it (cropped, resized,
   gray for gray families); ``/examples`` (family): the family's examples (:mod:`space.examples`).
+
+Variants trained in the background (:mod:`space.background`) join the choices while the page is
+open: a timer shows what is still training and refreshes the choices when a variant arrives.
 
 Bad input never reaches a traceback: every handler turns ``ValueError`` (``ImageError`` included)
 into a ``gr.Error`` with its message, and anything unexpected into a short message while the
@@ -37,11 +46,12 @@ from PIL import Image
 
 from space import deployment, render
 from space.examples import Example
-from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_STEPS, MIN_STEPS,
-                           SALIENCY_METHODS, TOP_K, Session)
-from space.zoo_source import CONTROL, VARIANTS
+from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_COLUMNS, MAX_STEPS, MIN_STEPS,
+                           SALIENCY_METHODS, TOP_K, Session, default_columns)
+from space.zoo_source import REQUIRED
 from surgery.images import MAX_FILE_BYTES, decode_image, model_view, to_tensor
 from surgery.registry import get_family
+from surgery.variants import parse_variant, sort_variants
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +63,8 @@ MIN_MAP_SIDE = 128
 # The maps fill their boxes (the browser scales them up smoothly); pass as ``launch(css=CSS)``.
 CSS = ".map img { width: 100%; height: 100%; object-fit: contain; }"
 MAPS_FOLDER = "surgery-maps"  # inside Gradio's cache folder
-TITLES = {"fp32": "FP32", "int8": "INT8 (NNCF QAT)", "sparse90": "90% sparse", CONTROL: "FP32, seed 1"}
+COLUMN_MIN_WIDTH = 200  # four columns side by side on a laptop screen
+REFRESH_SECONDS = 3.0  # how often an open page asks whether a background variant has arrived
 COMPARISON_HEADERS = ["variant", "same prediction as FP32", "GradCAM Spearman", "GradCAM top-k IoU",
                       "saliency Spearman", "saliency top-k IoU"]
 MODEL_HEADERS = ["variant", "top-1", "agreement with FP32", "weight sparsity", "file size (MB)", "source"]
@@ -97,6 +108,20 @@ def _image_source(payload: Any) -> tuple[bytes | str, str]:
     if not payload.get("path"):
         raise ValueError(f"{name}: the upload carries no file")
     return payload["path"], name
+
+
+def title(name: str) -> str:
+    """How the page names a variant (from :mod:`surgery.variants`)."""
+    return parse_variant(name).title
+
+
+def _choices(names: list[str]) -> list[tuple[str, str]]:
+    return [(title(v), v) for v in names]
+
+
+def _columns(chosen: list[str]) -> list:
+    """Show the first ``len(chosen)`` column slots, hide the rest (not part of the API's values)."""
+    return [gr.Column(visible=i < len(chosen)) for i in range(MAX_COLUMNS)]
 
 
 def _top_k(probabilities, class_names: list[str]) -> dict[str, float]:
@@ -151,26 +176,28 @@ class Handlers:
         return family
 
     @_guard("Explain")
-    def explain(self, image: Any, family: str, method: str) -> list:
+    def explain(self, image: Any, family: str, method: str, variants: list[str] | None = None) -> list:
         family = self._family(family)
+        chosen = self.session.check_variants(family, self.session.default_columns(family)
+                                             if variants is None else variants)
         source, name = _image_source(image)
         fam = get_family(family)
         side = min(max(fam.input_size, MIN_MAP_SIDE), DISPLAY)
         picture = decode_image(source, name, draft_size=side)
         x = to_tensor(model_view(picture, fam.input_size, fam.grayscale))
         shown = np.asarray(model_view(picture, side, fam.grayscale))
-        result = self.session.explain(family, x, method)
-        class_names = self.session.zoo(family).variants["fp32"].config["class_names"]
-        outputs: list = []
-        for variant in VARIANTS:
-            answer = result.variants[variant]
-            outputs += [_top_k(answer.probabilities, class_names),
-                        _png_file(render.overlay(shown, answer.gradcam), self.maps_dir),
-                        _png_file(render.colorize(answer.saliency, side), self.maps_dir)]
-        rows = [[TITLES[c.variant], "yes" if c.same_prediction else "no", _number(c.gradcam_spearman),
+        result = self.session.explain(family, x, method, chosen)
+        class_names = self.session.zoo(family).variants[REQUIRED].config["class_names"]
+        slots: list = []
+        for variant, answer in result.variants.items():
+            slots += [f"### {title(variant)}", _top_k(answer.probabilities, class_names),
+                      _png_file(render.overlay(shown, answer.gradcam), self.maps_dir),
+                      _png_file(render.colorize(answer.saliency, side), self.maps_dir)]
+        slots += ["", None, None, None] * (MAX_COLUMNS - len(result.variants))
+        rows = [[title(c.variant), "yes" if c.same_prediction else "no", _number(c.gradcam_spearman),
                  _number(c.gradcam_iou), _number(c.saliency_spearman), _number(c.saliency_iou)]
                 for c in result.comparisons]
-        return outputs + [rows]
+        return _columns(chosen) + slots + [rows]
 
     @_guard("Model view")
     def model_view(self, image: Any, family: str) -> str | None:
@@ -183,22 +210,28 @@ class Handlers:
         return _png_file(np.asarray(model_view(picture, fam.input_size, fam.grayscale)), self.maps_dir)
 
     @_guard("Features")
-    def features(self, family: str, layer: str, channels: str, steps: float,
+    def features(self, family: str, layer: str, channels: str, steps: float, variants: list[str] | None = None,
                  progress: gr.Progress = gr.Progress()) -> list:
         family = self._family(family)
         wanted = _parse_channels(channels)
         images = self.session.features(family, layer, wanted, int(steps),
-                                       progress=lambda done, text: progress(done, desc=text))
-        return [[(str(path), f"{layer} channel {c}") for path, c in zip(images[v], wanted)] for v in VARIANTS]
+                                       progress=lambda done, text: progress(done, desc=text), variants=variants)
+        slots: list = []
+        for variant, paths in images.items():
+            slots += [f"### {title(variant)}", [(str(path), f"{layer} channel {c}") for path, c in zip(paths, wanted)]]
+        slots += ["", None] * (MAX_COLUMNS - len(images))
+        return _columns(list(images)) + slots
 
     @_guard("Representations")
-    def representations(self, family: str) -> tuple[list, str]:
+    def representations(self, family: str, variants: list[str] | None = None) -> tuple[list, str]:
         family = self._family(family)
-        comparison = self.session.representations(family)
-        gallery = [(render.heatmap_figure(sim.values, list(sim.layers_a), list(sim.layers_b), TITLES["fp32"],
-                                          TITLES[other], f"linear CKA (debiased): FP32 vs {TITLES[other]}"),
-                    f"FP32 vs {TITLES[other]}")
-                   for other, sim in comparison.pairs.items()]
+        comparison = self.session.representations(family, variants)
+        controls = set(self.session.seed_controls(family))
+        gallery = []
+        for other, sim in comparison.pairs.items():
+            caption = f"FP32 vs {title(other)}" + (" (control)" if other in controls else "")
+            gallery.append((render.heatmap_figure(sim.values, list(sim.layers_a), list(sim.layers_b), "FP32",
+                                                  title(other), f"linear CKA (debiased): {caption}"), caption))
         return gallery, comparison.reading
 
     @_guard("Models")
@@ -210,7 +243,7 @@ class Handlers:
             metrics = variant.config.get("metrics", {})
             link = (f"[{variant.repo_id}](https://huggingface.co/{variant.repo_id})" if variant.repo_id
                     else f"local: `{variant.location}`")
-            rows.append([TITLES.get(name, name), _number(metrics.get("top1")),
+            rows.append([title(name), _number(metrics.get("top1")),
                          _number(metrics.get("agreement_with_fp32")),
                          _number(self.session.sparsity(family, name)),
                          round(variant.config["weights"]["bytes"] / 1e6, 2), link])
@@ -219,7 +252,53 @@ class Handlers:
                    + "\nmodel, config = fp32  # each is (model in eval mode, its config.json)\n```")
         deployed, note = self.deployment.cells(family)  # OpenVINO size and speed (space/deployment.py)
         rows = [row + deployed[name] for row, name in zip(rows, zoo.variants)]
-        return rows, f"Models of **{family}**, from {zoo.origin}. {note}\n\n{snippet}"
+        training = f"\n\nStill training here: {', '.join(zoo.pending)}." if zoo.pending else ""
+        return rows, f"Models of **{family}**, from {zoo.origin}. {note}{training}\n\n{snippet}"
+
+    def training_status(self) -> str:
+        """What is still training in the background, one line per family (empty when nothing is)."""
+        return "\n\n".join(t for t in (b.status_text() for b in self.session.builds.values()) if t)
+
+    def refresh(self, seen: dict, models_family: str, *pickers: str | list, force: bool = False) -> list:
+        """The timer's tick (and page load, with ``force``): the status line, the variant choices
+        of each (family, chosen variants) pair in ``pickers`` (the visitor's choice kept unless it
+        is still the default, which then grows with the zoo), the Models table when a variant
+        arrived, and the timer itself (stopped once nothing trains)."""
+        status = self.training_status()
+        current = {f: self.session.variant_names(f) for f in self.session.families}
+        changed = current != seen
+        # The page's own choices are every family's variants, those still training included (so
+        # that the API accepts any of them, with a clear message); on load, narrow them to the
+        # family's ready ones.
+        updates: list = []
+        for family, value in zip(pickers[0::2], pickers[1::2]):
+            if family not in current or not (changed or force):
+                updates.append(gr.skip())
+            elif not changed:  # choices only: a box the visitor ticked meanwhile stays ticked
+                updates.append(gr.CheckboxGroup(choices=_choices(current[family])))
+            else:
+                keep = value is not None and sorted(value) != sorted(default_columns(seen.get(family, [])))
+                updates.append(gr.CheckboxGroup(choices=_choices(current[family]),
+                                                value=value if keep else default_columns(current[family])))
+        models = self.models(models_family) if changed and models_family in current else (gr.skip(), gr.skip())
+        return [gr.Markdown(status, visible=bool(status)), current, *updates, *models,
+                gr.Timer(active=any(b.pending for b in self.session.builds.values()))]
+
+    def pick_family(self, family: str) -> gr.CheckboxGroup:
+        """A tab's family changed: its variants, with the default columns chosen."""
+        names = self.session.variant_names(family)
+        return gr.CheckboxGroup(choices=_choices(names), value=default_columns(names))
+
+
+def _all_variants(session: Session) -> list[str]:
+    """Every variant any family has or is training: what a request may name (the choices each
+    visitor sees are narrowed to the ready ones of the chosen family)."""
+    return sort_variants({v for zoo in session.families.values() for v in (*zoo.variants, *zoo.pending)})
+
+
+def _variant_picker(session: Session, family: str, elem_id: str) -> gr.CheckboxGroup:
+    return gr.CheckboxGroup(_choices(_all_variants(session)), value=session.default_columns(family),
+                            label=f"Variants side by side (up to {MAX_COLUMNS})", elem_id=elem_id)
 
 
 def _source_banner(session: Session) -> str:
@@ -236,6 +315,10 @@ def _examples_update(examples: dict[str, list[Example]]) -> Callable[[str], gr.D
     return family_examples
 
 
+def _slot_title(i: int, chosen: list[str]) -> str:
+    return f"### {title(chosen[i])}" if i < len(chosen) else ""
+
+
 def build_demo(session: Session, examples: dict[str, list[Example]], concurrency: int = 2,
                feature_steps: int = DEFAULT_STEPS) -> gr.Blocks:
     """The page. ``examples``: each family's example images (shown for the selected family);
@@ -244,49 +327,56 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
     families = list(session.families)
     first = families[0]
     first_layer = get_family(first).gradcam_layer
+    shown = session.default_columns(first)
     with gr.Blocks(title="Compressed CNN surgery") as demo:
         h = Handlers(session, Path(demo.GRADIO_CACHE) / MAPS_FOLDER)
-        gr.Markdown("# Compressed CNN surgery\nWhat changes inside a CNN when it is quantized to INT8 "
-                    "(NNCF quantization-aware training) or made 90% sparse: the same image, the same "
-                    "tools, three models side by side.")
+        gr.Markdown("# Compressed CNN surgery\nWhat changes inside a CNN when it is quantized (NNCF "
+                    "quantization-aware training, 8 bits or fewer) or made sparse: the same image, the "
+                    f"same tools, up to {MAX_COLUMNS} models side by side.")
         gr.Markdown(_source_banner(session), elem_id="source")
+        status_text = h.training_status()
+        status = gr.Markdown(status_text, visible=bool(status_text), elem_id="training-status")
+        seen = gr.State({f: session.variant_names(f) for f in families})
 
         with gr.Tab("Explain"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
                     image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"],
                                      height=DISPLAY, elem_id="explain-image")
-                    family = gr.Dropdown(families, value=first, label="Model family")
-                    method = gr.Radio(list(SALIENCY_METHODS), value="gradient", label="Saliency method")
-                    run = gr.Button("Explain", variant="primary", elem_id="explain-button")
                     view = gr.Image(label="What the model sees", type="filepath", height=DISPLAY // 2,
                                     interactive=False, elem_id="model-view", elem_classes=["map"])
+                    family = gr.Dropdown(families, value=first, label="Model family")
+                    variants = _variant_picker(session, first, "explain-variants")
+                    method = gr.Radio(list(SALIENCY_METHODS), value="gradient", label="Saliency method")
+                    run = gr.Button("Explain", variant="primary", elem_id="explain-button")
                 with gr.Column(scale=2):
-                    shown = examples.get(first, [])
-                    gallery = gr.Examples([[str(e.path)] for e in shown], inputs=[image], label="Examples",
-                                          example_labels=[e.label for e in shown], cache_examples=False,
+                    first_examples = examples.get(first, [])
+                    gallery = gr.Examples([[str(e.path)] for e in first_examples], inputs=[image],
+                                          label="Examples", example_labels=[e.label for e in first_examples],
+                                          cache_examples=False,
                                           examples_per_page=12)
                     gr.Markdown("Each model is explained for its own top prediction: GradCAM on the last "
                                 "stage, saliency as the input gradient (or SmoothGrad / integrated "
-                                "gradients). The table compares each compressed model's maps with FP32's: "
+                                "gradients). The table compares each other model's maps with FP32's: "
                                 "Spearman rank correlation, and overlap (IoU) of the top 10% of pixels.")
-            outputs = []
+            columns, slots = [], []
             with gr.Row(equal_height=True):
-                for variant in VARIANTS:
-                    with gr.Column(elem_classes=["variant-column"], elem_id=f"column-{variant}"):
-                        gr.Markdown(f"### {TITLES[variant]}")
-                        outputs += [gr.Label(num_top_classes=TOP_K, label=f"{TITLES[variant]}: top-{TOP_K}"),
-                                    gr.Image(label=f"{TITLES[variant]}: GradCAM", type="filepath",
-                                             height=DISPLAY, elem_classes=["map"]),
-                                    gr.Image(label=f"{TITLES[variant]}: saliency", type="filepath",
-                                             height=DISPLAY, elem_classes=["map"])]
-            table = gr.Dataframe(headers=COMPARISON_HEADERS, label="How each compressed model differs from FP32",
+                for i in range(MAX_COLUMNS):
+                    with gr.Column(visible=i < len(shown), elem_classes=["variant-column"],
+                                   elem_id=f"column-{i}", min_width=COLUMN_MIN_WIDTH) as column:
+                        slots += [gr.Markdown(_slot_title(i, shown), elem_classes=["column-title"]),
+                                  gr.Label(num_top_classes=TOP_K, label=f"top-{TOP_K}"),
+                                  gr.Image(label="GradCAM", type="filepath", height=DISPLAY, elem_classes=["map"]),
+                                  gr.Image(label="saliency", type="filepath", height=DISPLAY, elem_classes=["map"])]
+                    columns.append(column)
+            table = gr.Dataframe(headers=COMPARISON_HEADERS, label="How each model differs from FP32",
                                  interactive=False)
-            run.click(h.explain, [image, family, method], outputs + [table], api_name="explain",
+            run.click(h.explain, [image, family, method, variants], columns + slots + [table], api_name="explain",
                       preprocess=False, concurrency_limit=concurrency)
             family.change(_examples_update(examples), family, gallery.dataset, api_name="examples")
             gr.on([image.change, family.change], h.model_view, [image, family], view, api_name="model_view",
                   preprocess=False)
+            family.change(h.pick_family, family, variants, api_visibility="private", queue=False)
 
         with gr.Tab("Features"):
             gr.Markdown("Activation maximisation: the input each model's channel responds to most, "
@@ -297,27 +387,43 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
                 layer = gr.Dropdown(session.layers(first), value=first_layer, label="Layer")
                 channels = gr.Textbox(", ".join(map(str, DEFAULT_CHANNELS)), label="Channels")
                 steps = gr.Slider(MIN_STEPS, MAX_STEPS, value=feature_steps, step=8, label="Steps")
+            f_variants = _variant_picker(session, first, "features-variants")
             f_run = gr.Button("Visualise", variant="primary")
+            f_columns, f_slots = [], []
             with gr.Row():
-                galleries = [gr.Gallery(label=TITLES[v], columns=2, height="auto", format="png") for v in VARIANTS]
-            f_family.change(lambda f: gr.Dropdown(choices=session.layers(f), value=get_family(f).gradcam_layer),
-                            f_family, layer, api_visibility="private")
-            f_run.click(h.features, [f_family, layer, channels, steps], galleries, api_name="features",
-                        concurrency_limit=1)
+                for i in range(MAX_COLUMNS):
+                    with gr.Column(visible=i < len(shown), elem_id=f"features-column-{i}",
+                                   min_width=COLUMN_MIN_WIDTH) as column:
+                        f_slots += [gr.Markdown(_slot_title(i, shown)),
+                                    gr.Gallery(label="activation maximisation", columns=2, height="auto",
+                                               format="png")]
+                    f_columns.append(column)
+
+            def on_family(f: str) -> tuple:
+                return gr.Dropdown(choices=session.layers(f), value=get_family(f).gradcam_layer), h.pick_family(f)
+
+            f_family.change(on_family, f_family, [layer, f_variants], api_visibility="private")
+            f_inputs = [f_family, layer, channels, steps, f_variants]
+            f_run.click(h.features, f_inputs, f_columns + f_slots, api_name="features", concurrency_limit=1)
             # The default channels were computed at start-up: they appear with the page.
-            demo.load(h.features, [f_family, layer, channels, steps], galleries, api_visibility="private")
+            demo.load(h.features, f_inputs, f_columns + f_slots, api_visibility="private")
 
         with gr.Tab("Representations"):
             gr.Markdown("Linear CKA (Kornblith et al. 2019) between every layer of FP32 and every layer "
                         "of the other model, on a fixed reference image set. A bright diagonal means the "
-                        "two models build the same representations stage by stage.")
-            r_family = gr.Dropdown(families, value=first, label="Model family")
+                        "two models build the same representations stage by stage. FP32 against FP32 "
+                        "trained again with another seed (the seed controls, always shown) is the "
+                        "reference: how much two equally good networks differ.")
+            with gr.Row():
+                r_family = gr.Dropdown(families, value=first, label="Model family")
+                r_variants = _variant_picker(session, first, "representations-variants")
             r_run = gr.Button("Compare representations", variant="primary")
             heatmaps = gr.Gallery(label="CKA, layer x layer", columns=3, height="auto", format="png",
                                   object_fit="contain")
             reading = gr.Markdown()
-            r_run.click(h.representations, r_family, [heatmaps, reading], api_name="representations",
+            r_run.click(h.representations, [r_family, r_variants], [heatmaps, reading], api_name="representations",
                         concurrency_limit=concurrency)
+            r_family.change(h.pick_family, r_family, r_variants, api_visibility="private", queue=False)
 
         with gr.Tab("Models"):
             m_family = gr.Dropdown(families, value=first, label="Model family")
@@ -328,4 +434,14 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
             m_code = gr.Markdown()
             m_family.change(h.models, m_family, [m_table, m_code], api_name="models")
             demo.load(h.models, m_family, [m_table, m_code], api_visibility="private")
+
+        # Variants trained in the background join the choices: on page load, then every few
+        # seconds while something trains (the timer stops itself after).
+        timer = gr.Timer(REFRESH_SECONDS, active=any(z.pending for z in session.families.values()))
+        pickers = [family, variants, f_family, f_variants, r_family, r_variants]
+        refresh_out = [status, seen, variants, f_variants, r_variants, m_table, m_code, timer]
+        timer.tick(h.refresh, [seen, m_family, *pickers], refresh_out, api_visibility="private", queue=False,
+                   show_progress="hidden")
+        demo.load(functools.partial(h.refresh, force=True), [seen, m_family, *pickers], refresh_out,
+                  api_visibility="private", queue=False, show_progress="hidden")
     return demo

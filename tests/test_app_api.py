@@ -27,8 +27,10 @@ from surgery.actmax import activation_maximization
 from surgery.images import load_image
 from surgery.registry import get_family
 from surgery.similarity import map_spearman, topk_iou
+from surgery.variants import parse_variant
 
-VARIANTS = ("fp32", "int8", "sparse90")
+VARIANTS = ("fp32", "int8", "sparse90")  # the tiny zoo's default columns (it has no int4)
+COLUMNS = 4  # column slots per answer: (title, top-5, GradCAM, saliency) each
 FAMILY = "resnet18-shapes"
 ENDPOINTS = ("/explain", "/features", "/representations", "/models")
 
@@ -80,21 +82,23 @@ def test_examples_follow_the_family(space_app, client):
 
 def test_explain_matches_the_models_run_directly(client, example, tiny_zoo):
     out = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")
-    assert len(out) == 3 * 3 + 1
+    assert len(out) == 4 * COLUMNS + 1
     x = load_image(example, 64)[None]
     direct = {}
     for i, variant in enumerate(VARIANTS):
         model, config = load_variant(tiny_zoo / variant)
         direct[variant] = attribution.explain(model, x, layer="layer4")
-        label, cam, sal = out[3 * i: 3 * i + 3]
+        title, label, cam, sal = out[4 * i: 4 * i + 4]
+        assert title == f"### {parse_variant(variant).title}"
         probabilities, indices = direct[variant].probabilities[0].topk(5)
         assert [c["label"] for c in label["confidences"]] == [config["class_names"][j] for j in indices]
         np.testing.assert_allclose([c["confidence"] for c in label["confidences"]], probabilities, atol=1e-6)
         for image in (cam, sal):
             pixels = _pixels(image)
             assert pixels.shape == (128, 128, 3) and pixels.std() > 1  # a map, not a blank square
+    assert out[12] == "" and out[14] is None and out[15] is None  # the fourth column is unused
     rows = out[-1]["data"]
-    assert [r[0] for r in rows] == ["INT8 (NNCF QAT)", "90% sparse"]
+    assert [r[0] for r in rows] == ["INT8 (W8A8)", "90% sparse"]
     fp32 = direct["fp32"]
     for row, variant in zip(rows, VARIANTS[1:]):
         other = direct[variant]
@@ -109,9 +113,9 @@ def test_saliency_methods_change_only_the_saliency_maps(client, example):
     plain = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")
     smooth = client.predict(handle_file(str(example)), FAMILY, "smoothgrad", api_name="/explain")
     for i in range(3):
-        assert plain[3 * i] == smooth[3 * i]  # same top-5
-        assert np.array_equal(_pixels(plain[3 * i + 1]), _pixels(smooth[3 * i + 1]))  # same GradCAM
-        assert not np.array_equal(_pixels(plain[3 * i + 2]), _pixels(smooth[3 * i + 2]))
+        assert plain[4 * i + 1] == smooth[4 * i + 1]  # same top-5
+        assert np.array_equal(_pixels(plain[4 * i + 2]), _pixels(smooth[4 * i + 2]))  # same GradCAM
+        assert not np.array_equal(_pixels(plain[4 * i + 3]), _pixels(smooth[4 * i + 3]))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -139,7 +143,7 @@ def test_bad_uploads_get_a_clear_message_and_the_server_stays_up(client, example
     with pytest.raises(AppError, match=message) as error:
         client.predict(handle_file(str(path)), FAMILY, "gradient", api_name="/explain")
     assert "Traceback" not in str(error.value) and name in str(error.value)
-    label = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")[0]
+    label = client.predict(handle_file(str(example)), FAMILY, "gradient", api_name="/explain")[1]
     assert len(label["confidences"]) == 5
 
 
@@ -155,15 +159,17 @@ def test_bad_explain_arguments_get_a_clear_message(client, example, args, messag
 
 
 def test_features_serve_the_precomputed_channels_equal_to_a_fresh_run(client, tiny_zoo):
-    galleries = client.predict(FAMILY, "layer4", "0, 1, 2, 3", 8, api_name="/features")
-    assert [len(g) for g in galleries] == [4, 4, 4]
+    out = client.predict(FAMILY, "layer4", "0, 1, 2, 3", 8, api_name="/features")
+    titles, galleries = out[0::2], out[1::2]
+    assert list(titles) == ["### FP32", "### INT8 (W8A8)", "### 90% sparse", ""]
+    assert [len(g or []) for g in galleries] == [4, 4, 4, 0]
     assert [item["caption"] for item in galleries[0]] == [f"layer4 channel {c}" for c in range(4)]
     model, _ = load_variant(tiny_zoo / "fp32")
     fresh = activation_maximization(model, "layer4", [0, 1, 2, 3], steps=8, seed=0, size=64).images
     fresh = (fresh.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for item, expected in zip(galleries[0], fresh):
         assert np.array_equal(_pixels(item["image"]), expected)
-    # The three variants are different models: their pictures differ.
+    # The variants are different models: their pictures differ.
     assert not np.array_equal(_pixels(galleries[0][0]["image"]), _pixels(galleries[1][0]["image"]))
 
 
@@ -182,7 +188,7 @@ def test_features_refuse_out_of_bounds_requests(client, layer, channels, steps, 
 def test_representations_compare_fp32_with_every_variant_and_the_seed_control(client):
     gallery, reading = client.predict(FAMILY, api_name="/representations")
     captions = [item["caption"] for item in gallery]
-    assert captions == ["FP32 vs INT8 (NNCF QAT)", "FP32 vs 90% sparse", "FP32 vs FP32, seed 1"]
+    assert captions == ["FP32 vs INT8 (W8A8)", "FP32 vs 90% sparse", "FP32 vs FP32, seed 1 (control)"]
     for item in gallery:
         assert _pixels(item["image"]).std() > 1
     diagonal = {}
@@ -193,13 +199,14 @@ def test_representations_compare_fp32_with_every_variant_and_the_seed_control(cl
     assert set(diagonal) == {"int8", "sparse90", "fp32-seed1"}
     # INT8 is fine-tuned from this very FP32 model; the control was trained from another start.
     assert diagonal["int8"] > diagonal["fp32-seed1"]
+    assert "int8 changes the representations less than training FP32 again" in reading
 
 
 def test_models_tab_reports_each_variant_from_its_files(client, tiny_zoo):
     table, text = client.predict(FAMILY, api_name="/models")
     rows = {row[0]: row for row in table["data"]}
-    assert set(rows) == {"FP32", "INT8 (NNCF QAT)", "90% sparse", "FP32, seed 1"}
-    for title, variant in (("FP32", "fp32"), ("INT8 (NNCF QAT)", "int8"), ("90% sparse", "sparse90")):
+    assert list(rows) == ["FP32", "INT8 (W8A8)", "90% sparse", "FP32, seed 1"]  # every variant, in order
+    for title, variant in (("FP32", "fp32"), ("INT8 (W8A8)", "int8"), ("90% sparse", "sparse90")):
         model, config = load_variant(tiny_zoo / variant)
         row = rows[title]
         assert row[1] == pytest.approx(config["metrics"]["top1"], abs=1e-4)
@@ -207,21 +214,29 @@ def test_models_tab_reports_each_variant_from_its_files(client, tiny_zoo):
         assert row[4] == pytest.approx((tiny_zoo / variant / "model.safetensors").stat().st_size / 1e6, abs=0.01)
         assert str(tiny_zoo / variant) in row[5] and f'load_variant("{tiny_zoo / variant}")' in text
     assert rows["90% sparse"][3] >= 0.89
-    assert rows["INT8 (NNCF QAT)"][2] == pytest.approx(
+    assert rows["INT8 (W8A8)"][2] == pytest.approx(
         load_variant(tiny_zoo / "int8").config["metrics"]["agreement_with_fp32"], abs=1e-4)
 
 
 # -- where the models come from -------------------------------------------------------------------
 
 def test_local_source_without_a_zoo_says_what_is_missing(tmp_path):
-    with pytest.raises(SourceError, match="no complete local zoo"):
+    with pytest.raises(SourceError, match="no local zoo with an fp32 model"):
         resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))
 
 
-def test_a_partial_zoo_is_not_served(tiny_zoo, tmp_path):
-    (tmp_path / "fp32").symlink_to(tiny_zoo / "fp32")
-    with pytest.raises(SourceError, match="no complete local zoo"):
+def test_a_zoo_without_fp32_is_not_served(tiny_zoo, tmp_path):
+    (tmp_path / "int8").symlink_to(tiny_zoo / "int8")
+    with pytest.raises(SourceError, match="no local zoo with an fp32 model"):
         resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))
+
+
+def test_a_zoo_is_served_with_whatever_it_holds_besides_fp32(tiny_zoo, tmp_path):
+    for variant in ("fp32", "sparse90"):
+        (tmp_path / variant).symlink_to(tiny_zoo / variant)
+    (tmp_path / "notes").mkdir()  # not a variant name: ignored
+    zoo = resolve(SourceConfig(families=("resnet18-shapes",), zoo=tmp_path, source="local"))["resnet18-shapes"]
+    assert list(zoo.variants) == ["fp32", "sparse90"] and not zoo.pending
 
 
 def _resolve_in_a_fresh_process(endpoint: str, home: Path, org: str, zoo: Path) -> tuple[dict, str]:
@@ -282,7 +297,7 @@ def test_no_source_for_a_family_that_cannot_be_built_here(offline_hub, tmp_path)
     with pytest.raises(SourceError) as error:
         resolve(SourceConfig(families=("resnet18-cifar10",), zoo=tmp_path))
     assert "resnet18-cifar10 from the Hub" in str(error.value)
-    assert "resnet18-cifar10: no complete local zoo" in str(error.value)
+    assert "resnet18-cifar10: no local zoo with an fp32 model" in str(error.value)
 
 
 def test_space_front_matter_lists_the_default_hub_repos():
@@ -300,10 +315,15 @@ def test_requests_leave_no_hooks_and_no_gradients_on_the_shared_models(client, e
     for method in ("gradient", "smoothgrad"):
         client.predict(handle_file(str(example)), FAMILY, method, api_name="/explain")
     client.predict(FAMILY, "layer4", "5", 8, api_name="/features")  # a channel not precomputed
-    explain = next(f for f in space_app.fns.values() if f.api_name == "explain")
-    session = explain.fn.__self__.session
+    session = _session(space_app)
     for variant in session.zoo(FAMILY).variants.values():
         for name, module in variant.model.named_modules():
             hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
             assert not any(hooks), f"{variant.name}/{name} keeps a hook"
         assert all(p.grad is None and not p.requires_grad for p in variant.model.parameters())
+
+
+def _session(demo):
+    """The Session behind a running demo (the Explain handler is bound to it)."""
+    explain = next(f for f in demo.fns.values() if f.api_name == "explain")
+    return explain.fn.__self__.session

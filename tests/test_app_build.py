@@ -1,9 +1,12 @@
-"""``python app.py`` on a machine with no Hub and no zoo: it trains the shapes zoo itself, shows the
-progress in the page meanwhile, then serves the Space on the same address.
+"""``python app.py`` on a machine with no Hub and no zoo: it trains what the default page needs
+(fp32, int8), shows the progress in the page meanwhile, serves the Space on the same address,
+and trains the rest (sparse90, the fp32-seed1 control) in the background; the open page adds
+each of them when it is ready, without a restart, and they equal a foreground build's.
 
-A browser watches the whole time (the screenshot of the progress page is kept under
-``artifacts/browser/preparing.png``). The build is a smoke build (``--build-steps 2``: every
-epoch cut to two steps), so the path a fresh machine takes runs end to end in about a minute.
+A browser watches the whole time (screenshots of the progress page and of the page after the
+background variants arrived are kept under ``artifacts/browser/``). The build is a smoke build
+(``--build-steps 2``: every epoch cut to two steps), so the path a fresh machine takes runs end
+to end in a few minutes.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from hub_servers import free_port
 
 from space.examples import PHOTOS, photo_path
 from space.preparing import serves_the_space
-from space.zoo_source import VARIANTS, is_complete
+from space.zoo_source import BUILD_MARKER, is_complete, zoo_variants
 from surgery.checkpoint import read_config
+from training.cli import main as training_main
 
 REPO = Path(__file__).parents[1]
 TIMEOUT = 600
-EPOCH_BAR = re.compile(r"<b>(fp32|int8-qat|sparse90|fp32-seed1) \d/\d</b> <progress")
+FOREGROUND, BACKGROUND = ("fp32", "int8"), ("sparse90", "fp32-seed1")
+EPOCH_BAR = re.compile(r"<b>(fp32|int8-qat) \d/\d</b> <progress")
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -37,7 +42,7 @@ def _screenshot_progress(page) -> None:
     """Keep a picture of the page showing progress bars, at an epoch's bar if one shows in time
     (a smoke build's epochs last about a second; the page refreshes every second)."""
     page.wait_for_selector("#preparing-status progress", timeout=10_000)
-    epoch = page.locator("#preparing-status li", has_text=re.compile(r"(fp32|int8-qat|sparse90|fp32-seed1) \d/\d"))
+    epoch = page.locator("#preparing-status li", has_text=re.compile(r"(fp32|int8-qat) \d/\d"))
     try:
         epoch.first.wait_for(timeout=15_000)
     except playwright_api.TimeoutError:
@@ -88,17 +93,42 @@ def test_a_fresh_machine_builds_the_zoo_with_progress_in_the_page(tmp_path):
             assert any("zoo resnet18-shapes" in s and "<progress" in s for s in statuses), statuses[-1:]
             assert shot, f"no epoch bar among {len(statuses)} status pages; last: {statuses[-1:]}"
             assert any("training them now into" in s for s in statuses)
-            # The open page turns into the Space by itself.
+            # The open page turns into the Space by itself, with the foreground variants only...
             page.wait_for_selector("#explain-image", timeout=60_000)
+            picker = page.locator("#explain-variants")
+            status = page.locator("#training-status")
+            status.get_by_text("still training", exact=False).wait_for(timeout=30_000)
+            assert "sparse90, fp32-seed1" in status.inner_text()
+            assert picker.get_by_label("INT8 (W8A8)", exact=True).is_checked()
+            playwright_api.expect(picker.get_by_label("90% sparse", exact=True)).to_have_count(0)
+            # ... and the background ones join it, without a reload, the default columns with them.
+            picker.get_by_label("90% sparse", exact=True).wait_for(timeout=TIMEOUT * 1000)
+            picker.get_by_label("FP32, seed 1", exact=True).wait_for(timeout=TIMEOUT * 1000)
+            status.wait_for(state="hidden", timeout=30_000)
+            assert picker.get_by_label("90% sparse", exact=True).is_checked()
+            page.screenshot(path=str(ARTIFACTS / "background_ready.png"), full_page=True)
             browser.close()
 
-        # The same address serves the Space, on the zoo it built.
-        assert is_complete(zoo / "resnet18-shapes")
-        assert read_config(zoo / "resnet18-shapes" / "fp32")["recipe"]["steps_per_epoch"] == 2
+        # The same address serves the Space, on the zoo it built, every variant included.
+        built = zoo / "resnet18-shapes"
+        assert is_complete(built) and zoo_variants(built) == ["fp32", "int8", "sparse90", "fp32-seed1"]
+        assert (built / BUILD_MARKER).exists()
+        assert read_config(built / "fp32")["recipe"]["steps_per_epoch"] == 2
         outputs = Client(url, verbose=False).predict(handle_file(str(photo_path(PHOTOS[0]))), "resnet18-shapes",
-                                                     "gradient", api_name="/explain")
-        assert len(outputs) == 3 * len(VARIANTS) + 1
-        assert "built here in" in log.read_text()
+                                                     "gradient", [*FOREGROUND, *BACKGROUND], api_name="/explain")
+        assert [outputs[4 * i] for i in range(4)] == ["### FP32", "### INT8 (W8A8)", "### 90% sparse",
+                                                      "### FP32, seed 1"]
+        assert "built here in" in log.read_text() and "trained in the background: now in the page" in log.read_text()
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+    # A foreground build with the same settings: the background variants are the same models.
+    foreground = tmp_path / "foreground"
+    assert training_main(["zoo", "--family", "resnet18-shapes", "--out", str(foreground),
+                          "--variants", ",".join(("fp32", *BACKGROUND)), "--max-steps", "2"]) == 0
+    for variant in BACKGROUND:
+        here, there = (read_config(d / variant)["metrics"] for d in (built, foreground))
+        assert abs(here["top1"] - there["top1"]) <= 0.005, (variant, here["top1"], there["top1"])
+        if "agreement_with_fp32" in there:
+            assert abs(here["agreement_with_fp32"] - there["agreement_with_fp32"]) <= 0.005

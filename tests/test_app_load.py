@@ -70,8 +70,9 @@ def _requests(tmp_path: Path) -> list[tuple[str, str]]:
 
 def _answer(client: Client, image: str, method: str) -> dict:
     out = client.predict(handle_file(image), "resnet18-shapes", method, api_name="/explain")
-    return {"labels": [out[3 * i] for i in range(3)], "table": out[-1]["data"],
-            "maps": [np.asarray(Image.open(out[3 * i + j]).convert("RGB")) for i in range(3) for j in (1, 2)]}
+    # Four column slots of (title, top-5, GradCAM, saliency); the default three are filled.
+    return {"labels": [out[4 * i + 1] for i in range(3)], "table": out[-1]["data"],
+            "maps": [np.asarray(Image.open(out[4 * i + j]).convert("RGB")) for i in range(3) for j in (2, 3)]}
 
 
 def _same(a: dict, b: dict) -> bool:

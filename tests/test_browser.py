@@ -1,7 +1,7 @@
 """The page in a real browser: Playwright drives Debian's chromium (/usr/bin/chromium).
 
-Uploads an image, runs Explain and sees the three columns fill with their maps; the
-screenshot is kept under ``artifacts/browser/``. Every request the page makes is recorded:
+Uploads an image, picks four variants, runs Explain and sees four columns fill with their maps;
+the screenshot is kept under ``artifacts/browser/``. Every request the page makes is recorded:
 none may leave the machine.
 """
 
@@ -15,7 +15,10 @@ import pytest
 from PIL import Image
 
 from chromium import ARTIFACTS, CHROMIUM, launch
-from space.zoo_source import VARIANTS
+from surgery.variants import parse_variant
+
+DEFAULT = ("fp32", "int8", "sparse90")  # the tiny zoo's default columns (it has no int4)
+CHOSEN = (*DEFAULT, "fp32-seed1")  # the visitor adds the seed control: four columns
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
 
@@ -48,23 +51,34 @@ def _example(space_app, name: str) -> Path:
     raise AssertionError(f"example {name} is not offered")
 
 
-def test_upload_explain_and_see_three_columns_of_maps(page, space_app):
+def test_pick_four_variants_explain_and_see_four_columns_of_maps(page, space_app):
+    picker = page.locator("#explain-variants")
+    for variant in DEFAULT:  # checked by default
+        assert picker.get_by_label(parse_variant(variant).title, exact=True).is_checked()
+    assert not page.locator("#column-3").is_visible()  # the fourth slot waits, hidden
+    picker.get_by_label("FP32, seed 1", exact=True).check()
     page.set_input_files("#explain-image input[type=file]", str(_example(space_app, "shapes-2-triangle.png")))
     page.wait_for_selector("#explain-image img", timeout=30_000)
     page.click("#explain-button")
-    for variant in VARIANTS:
-        maps = page.locator(f"#column-{variant} .map img")
+    for i, variant in enumerate(CHOSEN):
+        column = page.locator(f"#column-{i}")
+        column.get_by_text(parse_variant(variant).title, exact=True).wait_for(timeout=120_000)
+        maps = column.locator(".map img")
         maps.first.wait_for(timeout=120_000)
         assert maps.count() == 2
-        for i in range(2):
-            assert maps.nth(i).evaluate("img => img.complete && img.naturalWidth") == 128  # 2x the model's input
+        for j in range(2):
+            assert maps.nth(j).evaluate("img => img.complete && img.naturalWidth") == 128  # 2x the model's input
         # The top-5 label shows a class name of the shapes family.
-        assert page.locator(f"#column-{variant}").inner_text().count("%") >= 5
-    page.get_by_text("How each compressed model differs from FP32").wait_for()
+        assert column.inner_text().count("%") >= 5
+    page.get_by_text("How each model differs from FP32").wait_for()
     assert page.locator("#source").inner_text().count("local zoo") == 1
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explain.png"), full_page=True)
     assert (ARTIFACTS / "explain.png").stat().st_size > 10_000
+    # Back to three: the fourth column hides again.
+    picker.get_by_label("FP32, seed 1", exact=True).uncheck()
+    page.click("#explain-button")
+    page.locator("#column-3").wait_for(state="hidden", timeout=120_000)
 
 
 def test_a_bad_upload_shows_a_message_not_a_traceback(page, tmp_path):

@@ -1,0 +1,148 @@
+"""Training the rest of a zoo while the Space is served, and adding each variant when it is ready.
+
+On a fresh machine the app trains first what the default page needs and serves it (see
+:mod:`space.zoo_source`); :class:`BackgroundBuild` then runs the same training CLI in a child
+process (``python -m training zoo ... --variants <pending>``: the same recipe and seeds as a
+foreground build; the ladder in a run of its own after the seed control) at a lower CPU priority, so visitors' requests come first. A watcher thread
+loads each variant as soon as its ``config.json`` appears and hands it to the shared
+:class:`~space.session.Session` with :meth:`~space.session.Session.add_variant`; the page's
+timer then adds it to the choices. The child's output goes to ``ZOO/<family>/.space-build.log``.
+
+Example:
+    >>> build = BackgroundBuild(session, "resnet18-shapes", Path("zoo/resnet18-shapes"), ["fp32-seed1"])
+    >>> build.start(); build.status_text()
+    'resnet18-shapes: training fp32-seed1 ...'
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from space.zoo_source import load_member, zoo_argv
+from surgery.checkpoint import CONFIG_FILE, CheckpointError
+from surgery.variants import DEFAULT_ZOO, parse_variant
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = ".space-build.log"
+NICENESS = 10  # below the web server: a request never waits for a training step
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _child_setup() -> None:
+    """In the child, before it runs: lower priority, and end with the app (Linux's parent-death
+    signal), so a stopped Space leaves no trainer behind; a rerun resumes it."""
+    os.nice(NICENESS)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the app's stop() still ends it
+        pass
+
+
+def batches(variants: list[str]) -> list[list[str]]:
+    """The default zoo's rest and the seed controls first, then the ladder, as separate runs:
+    a ladder rung this trainer cannot build must not hold back the seed control."""
+    first = [v for v in variants if v in DEFAULT_ZOO or parse_variant(v).is_seed_control]
+    rest = [v for v in variants if v not in first]
+    return [batch for batch in (first, rest) if batch]
+
+
+class BackgroundBuild:
+    """The pending variants of one family, trained by child processes, watched by a thread."""
+
+    def __init__(self, session, family: str, directory: Path, variants: list[str],
+                 steps: int | None = None, poll_seconds: float = 2.0) -> None:
+        self.session = session
+        self.family = family
+        self.directory = Path(directory)
+        self.variants = list(variants)
+        self.steps = steps
+        self.poll_seconds = poll_seconds
+        self.errors: list[str] = []
+        self.log_path = self.directory / LOG_FILE
+        self._process: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"build-{family}", daemon=True)
+
+    @property
+    def pending(self) -> list[str]:
+        """Variants not yet in the session (the session drops each one it gets) nor failed."""
+        return [v for v in self.session.zoo(self.family).pending if v in self.variants]
+
+    def start(self) -> "BackgroundBuild":
+        logger.info("%s: training %s in the background (log: %s)", self.family, ", ".join(self.variants),
+                    self.log_path)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """End the child process (the CLI resumes it on the next start) and the watcher."""
+        self._stop.set()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        for batch in batches(self.variants):
+            if self._stop.is_set():
+                return
+            command = [sys.executable, "-m", "training", *zoo_argv(self.family, self.directory, batch, self.steps)]
+            with open(self.log_path, "ab") as log:
+                self._process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                                 preexec_fn=_child_setup)
+            while self._process.poll() is None and not self._stop.wait(self.poll_seconds):
+                self._collect()
+            self._collect()  # the last variant may have been written just before the exit
+            missing = [v for v in batch if v in self.pending]
+            if missing and not self._stop.is_set():
+                error = (f"the background training of {', '.join(missing)} stopped (exit status "
+                         f"{self._process.returncode}); see {self.log_path}")
+                logger.error("%s: %s", self.family, error)
+                self.errors.append(error)
+                zoo = self.session.zoo(self.family)  # requests now hear "no such variant"
+                zoo.pending = tuple(v for v in zoo.pending if v not in missing)
+
+    def _collect(self) -> None:
+        for name in self.pending:
+            path = self.directory / name
+            if not (path / CONFIG_FILE).exists():
+                continue
+            try:
+                variant = load_member(name, path, self.family)
+            except (CheckpointError, OSError, ValueError) as exc:  # still being written: next time
+                logger.debug("%s not ready yet: %s", path, exc)
+                continue
+            self.session.add_variant(self.family, variant)
+            logger.info("%s/%s trained in the background: now in the page", self.family, name)
+
+    def progress(self) -> str:
+        """The child's last progress line (tqdm's bar), for the status line."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(log.seek(0, os.SEEK_END) - 4096, 0))
+                tail = log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        parts = [p.strip() for p in tail.replace("\r", "\n").splitlines() if "|" in p and "%" in p]
+        return parts[-1] if parts else ""
+
+    def status_text(self) -> str:
+        """Lines for the page: what is still training, and why anything stopped."""
+        lines = [f"**{self.family}**: {error}" for error in self.errors]
+        pending = self.pending
+        if pending:
+            now = self.progress()
+            lines.append(f"**{self.family}**: still training {', '.join(pending)} in the background; each "
+                         f"appears in the variant choices when ready." + (f" Now: `{now}`" if now else ""))
+        return "\n\n".join(lines)
