@@ -174,6 +174,21 @@ class MinibatchCKA:
         return (torch.stack(self._cross).numpy(), torch.stack(self._self_x).numpy(),
                 torch.stack(self._self_y).numpy())
 
+    def batch_values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-batch unbiased HSIC values ``cross [B, I, J]``, ``self_x [B, I]``, ``self_y [B, J]``
+        (what a shard of a study stores; :meth:`from_batch_values` restores the accumulator)."""
+        return self._stacked()
+
+    @classmethod
+    def from_batch_values(cls, cross: np.ndarray, self_x: np.ndarray, self_y: np.ndarray,
+                          num_examples: int) -> "MinibatchCKA":
+        acc = cls()
+        acc._cross = list(torch.from_numpy(np.asarray(cross, dtype=np.float64)))
+        acc._self_x = list(torch.from_numpy(np.asarray(self_x, dtype=np.float64)))
+        acc._self_y = list(torch.from_numpy(np.asarray(self_y, dtype=np.float64)))
+        acc.num_examples = num_examples
+        return acc
+
     def compute(self) -> torch.Tensor:
         """CKA ``[I, J]`` (a 0-d tensor when single matrices were passed); NaN where a layer is constant."""
         cross, self_x, self_y = self._stacked()

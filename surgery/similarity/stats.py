@@ -280,6 +280,7 @@ def grouped_mean(values: torch.Tensor | np.ndarray, groups: np.ndarray | int, un
     with np.errstate(invalid="ignore", divide="ignore"):
         value = sums.sum(0) / counts.sum(0)
         leave_out = (sums.sum(0) - sums) / (counts.sum(0) - counts)
+    leave_out = np.where(counts > 0, leave_out, np.nan)  # an empty group is no replicate
     return Jackknife(value, leave_out, int((~np.isnan(values)).sum()) if values.ndim == 1 else len(values), unit)
 
 
