@@ -8,7 +8,6 @@ Space's Study tab (:mod:`space.study_tab`).
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import string
@@ -26,10 +25,6 @@ _TEMPLATE = Path(__file__).with_name("template.html")
 CURVE_METRICS = ("top1", "vs_fp32.agreement", "vs_fp32.top5_overlap", "vs_fp32.gradcam_spearman",
                  "vs_fp32.saliency_spearman", "gradcam.pointing_game", "gradcam.energy_in_mask",
                  "gradcam.deletion_auc", "gradcam.insertion_auc")
-
-
-def png_base64(figure: Figure) -> str:
-    return base64.b64encode(png_bytes(figure)).decode("ascii")
 
 
 def png_bytes(figure: Figure) -> bytes:

@@ -293,8 +293,9 @@ class CCAStream:
         value = {m: np.full(shape, np.nan) for m in methods}
         leave_out = {m: np.full((groups, *shape), np.nan) for m in methods}
         images = 0
+        worst = min(self.accumulators.values(), key=lambda acc: acc.rows / max(min(acc.dims), 1))
+        warn_if_overfit(worst.rows, min(worst.dims))  # once, for the pair with the fewest rows per direction
         for (i, j), acc in self.accumulators.items():
-            warn_if_overfit(acc.rows, min(acc.dims))
             for m, jk in acc.jackknife(methods, keep).items():
                 value[m][i, j], leave_out[m][:, i, j] = jk.value, jk.leave_out[:groups]
             images = acc.images
