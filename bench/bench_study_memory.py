@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(zoo: str, variant: str, images: int, batch: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from study.collect import ModelCache, _data_seed, collect_variant
+    from study.collect import ModelCache, data_seed, collect_variant
     from study.images import held_out
     from study.settings import Settings
     from study.zoo import StudyZoo
 
     s = Settings(images=images, batch_size=batch, eval_samples=max(images, 1000))
     zoo_ = StudyZoo.open(zoo)
-    data = held_out(zoo_.family, s, _data_seed(zoo_))
+    data = held_out(zoo_.family, s, data_seed(zoo_))
     models = ModelCache(zoo_, "cpu")
     for name in [variant, *zoo_.references(variant)]:
         models(name)
@@ -63,7 +63,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             run = subprocess.run([sys.executable, __file__, "--child", "--zoo", args.zoo, "--variant", args.variant,
                                   "--images", str(n), "--batch", str(args.batch), "--out", out],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"the study at {n} images failed:\n{run.stderr[-3000:]}")
         rows.append((n, json.loads(run.stdout.strip().splitlines()[-1])))
     print(f"study collect {args.variant} (+ its FP32 reference), batches of {args.batch}; peak RSS in MiB")
     print(f"{'images':>7} {'before stream':>14} {'peak':>8} {'study itself':>13} {'ratio to first':>15} {'seconds':>8}")

@@ -20,15 +20,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
+import math
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
-from study.collect import ModelCache, collect_variant
+from study.collect import ModelCache, collect_variant, data_seed
 from study.gather import gather
 from study.images import held_out
 from study.page import exemplar_items, figures, render_page
@@ -104,9 +104,7 @@ def output_dir(zoo: StudyZoo, out: Path | None, cache_root: Path | None) -> Path
 def collect(zoo_dir: Path, names: list[str], shards_dir: Path, s: Settings) -> list[Path]:
     zoo = StudyZoo.open(zoo_dir)
     s.validate()
-    from study.collect import _data_seed
-
-    data = held_out(zoo.family, s, _data_seed(zoo))
+    data = held_out(zoo.family, s, data_seed(zoo))
     models = ModelCache(zoo, s.device)
     paths = []
     for name in names:
@@ -127,9 +125,7 @@ def report(zoo_dir: Path, shard_paths: list[Path], out: Path, device: str = "cpu
     class_names = zoo.family.class_names
     gallery = {}
     if any(metrics["classes"].get(n, {}).get("exemplars") for n in metrics["classes"]):
-        from study.collect import _data_seed
-
-        data = held_out(zoo.family, settings, _data_seed(zoo))
+        data = held_out(zoo.family, settings, data_seed(zoo))
         models = ModelCache(zoo, device)
         for name, entry in metrics["classes"].items():
             chosen = entry.get("exemplars", [])[: settings.exemplars]
@@ -141,8 +137,6 @@ def report(zoo_dir: Path, shard_paths: list[Path], out: Path, device: str = "cpu
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for key, png in pictures.items():
         (out / "figures" / f"{key}.png").write_bytes(png)
-    import base64
-
     encoded = {k: base64.b64encode(v).decode("ascii") for k, v in pictures.items()}
     (out / "report.html").write_text(render_page(metrics, class_names, encoded))
     text = json.dumps(_json_ready(metrics), indent=1, sort_keys=True, allow_nan=False)
@@ -157,8 +151,6 @@ def _json_ready(value):
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     if isinstance(value, float):
-        import math
-
         return round(value, 6) if math.isfinite(value) else None
     return value
 

@@ -164,7 +164,7 @@ def class_damage(study: "Study") -> dict:
     confidence = study.settings["confidence"]
     ref = study.shards[REFERENCE].arrays
     labels, right_ref = ref["label"].astype(int), ref["correct"].astype(bool)
-    num_classes = int(max(int(labels.max()) + 1, max(int(sh.arrays["pred"].max()) + 1 for sh in study.shards.values())))
+    num_classes = study.num_classes
     out = {}
     for name in [*study.seeds[1:], *study.compressed]:
         right = study.shards[name].arrays["correct"].astype(bool)

@@ -220,7 +220,7 @@ def collect_variant(zoo: StudyZoo, name: str, s: Settings, data: HeldOut | None 
     if name not in zoo.configs:
         raise ValueError(f"{zoo.root} has no variant {name!r}; it has {', '.join(zoo.names)}")
     s.validate()
-    data = data or held_out(zoo.family, s, _data_seed(zoo))
+    data = data or held_out(zoo.family, s, data_seed(zoo))
     models = models or ModelCache(zoo, s.device)
     model = models(name)
     blocks = residual_blocks(model)
@@ -244,5 +244,6 @@ def collect_variant(zoo: StudyZoo, name: str, s: Settings, data: HeldOut | None 
     return Shard(meta, collector.arrays(model, clipping))
 
 
-def _data_seed(zoo: StudyZoo) -> int:
+def data_seed(zoo: StudyZoo) -> int:
+    """The seed the zoo's data was generated with (shapes: its held-out images)."""
     return int(zoo.configs[REFERENCE].get("recipe", {}).get("seed", 0))

@@ -30,6 +30,7 @@ import numpy as np
 from study.classes import class_damage
 from study.shard import Shard
 from study.zoo import REFERENCE
+from surgery.registry import get_family
 from surgery.similarity import Jackknife, MinibatchCKA, group_of, grouped_mean
 from surgery.similarity.cca import CCA_METHODS
 from surgery.variants import parse_variant, sort_variants
@@ -66,6 +67,7 @@ class Study:
         self.settings = first["settings"]
         self.n = first["images"]
         self.blocks = first["blocks"]
+        self.num_classes = get_family(first["family"]).num_classes
         self.G = self.settings["groups"]
         self.batch = self.settings["batch_size"]
         self.groups = group_of(np.arange(self.n), self.G, self.batch)
