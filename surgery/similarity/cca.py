@@ -32,6 +32,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from surgery.similarity.cka import Matrix, paired_matrices
@@ -142,7 +143,7 @@ class MomentAccumulator:
 def _scores_or_nan(m: Moments, methods: tuple[str, ...], keep: float | int | None) -> dict[str, float]:
     try:
         return cca_scores(m, methods, keep)
-    except ValueError:  # a group held every image with variance: the rest has none
+    except (ValueError, torch.linalg.LinAlgError):  # the rest has no variance, or no SVD converges
         return {method: math.nan for method in methods}
 
 
@@ -185,12 +186,23 @@ def check_keep(keep: float | int | None) -> None:
         raise ValueError(f"keep as a variance fraction must be in (0, 1], got {keep}")
 
 
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values; LAPACK's slower gesvd where gesdd does not converge
+    (it fails on the many repeated singular values of layers with fewer rows than channels)."""
+    try:
+        p, rho, _ = torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        p, rho, _ = scipy.linalg.svd(a.cpu().numpy(), full_matrices=False, lapack_driver="gesvd")
+        p, rho = torch.from_numpy(p).to(a), torch.from_numpy(rho).to(a)
+    return p, rho
+
+
 def _cca(m: Moments, wx: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical correlations (descending) and the x-side canonical weights ``[d_x, k]``.
 
     The i-th canonical variate is ``h_i = x_centred @ a_i``, of unit norm over the examples.
     """
-    p, rho, _ = torch.linalg.svd(wx.T @ m.xy @ wy, full_matrices=False)
+    p, rho = _svd(wx.T @ m.xy @ wy)
     return rho.clamp(0.0, 1.0), wx @ p[:, :rho.numel()]
 
 
