@@ -392,3 +392,83 @@ def straight_through(model: nn.Module) -> Iterator[int]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- Quantizer ranges, for the study's layer diagnostics (read-only) -----------------------------
+
+@dataclass(frozen=True)
+class QuantizerRange:
+    """One NNCF fake-quantizer: where it sits, its bit width and its range ``[low, high]``.
+
+    ``name`` is NNCF's hook name, e.g. ``post_hooks.layer2/0/relu/relu_/0__0.0`` (an activation:
+    the output of that op) or ``pre_hooks.layer2/0/conv1/conv2d/0__1.0`` (port 1 of a conv:
+    its weight). ``low``/``high`` broadcast against the quantized tensor (per channel for
+    weights); inputs outside them are clipped to them.
+    """
+
+    name: str
+    module: nn.Module
+    bits: int
+    low: torch.Tensor
+    high: torch.Tensor
+    weights: bool
+
+    @property
+    def layer(self) -> str:
+        """The model's module path of the op, dotted (``layer2.0.relu``), ``""`` for the input."""
+        path = self.name.split(".", 1)[1].rsplit("/", 2)[0]
+        return path.strip("/").replace("/", ".")
+
+
+def quantizer_ranges(model: nn.Module) -> list[QuantizerRange]:
+    """Every quantizer of a quantized model with its bit width and range; empty for other models.
+
+    Example:
+        >>> [(q.layer, q.bits) for q in quantizer_ranges(int4) if not q.weights][:2]
+        [('', 8), ('relu', 8)]
+    """
+    if not is_wrapped(model):
+        return []
+    ranges = []
+    for name, module in get_hook_storage(model).named_hooks():
+        if not isinstance(module, BaseQuantizer):
+            continue
+        with torch.no_grad():
+            low, high = module.get_input_low_input_high()
+        port = int(name.rsplit("__", 1)[1].split(".")[0])
+        ranges.append(QuantizerRange(name, module, int(module.num_bits), low.detach().clone(), high.detach().clone(),
+                                     weights=name.startswith("pre_hooks.") and port >= 1))
+    return ranges
+
+
+@contextmanager
+def clipping_counts(model: nn.Module) -> Iterator[dict[str, list[int]]]:
+    """Count, while the block runs, the activation values each quantizer clips to its range.
+
+    Yields ``{quantizer name: [clipped, total]}``, updated by every forward pass of ``model`` in
+    the block (weight quantizers are left out). Empty for models without quantizers.
+
+    Example:
+        >>> with clipping_counts(int8) as counts:
+        ...     int8(images)
+        >>> {name: c / t for name, (c, t) in counts.items()}
+    """
+    counts: dict[str, list[int]] = {}
+    handles = []
+    for q in quantizer_ranges(model):
+        if q.weights:
+            continue
+        counts[q.name] = [0, 0]
+
+        def hook(module: nn.Module, inputs: tuple, q: QuantizerRange = q) -> None:
+            x = inputs[0].detach()
+            low, high = q.low.to(x.device), q.high.to(x.device)
+            counts[q.name][0] += int(((x < low) | (x > high)).sum())
+            counts[q.name][1] += x.numel()
+
+        handles.append(q.module.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()

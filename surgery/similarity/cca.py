@@ -15,8 +15,9 @@ approaches the number of examples (every correlation tends to 1): keep ``n`` wel
 
 Everything is computed from the centred second moments (as google/svcca's ``cca_core`` does), in
 float64, with an eigendecomposition instead of an inverse so rank-deficient layers (dead ReLU
-channels, pruned filters) are handled: directions without variance are dropped. Moments also
-take per-example weights, which is how the bootstrap resamples images cheaply.
+channels, pruned filters) are handled: directions without variance are dropped. Since both scores are functions of the moments,
+:class:`MomentAccumulator` streams them batch by batch (exact, no subsample of rows) and keeps
+them per group of images, so the jackknife interval refits CCA without each group.
 
 Example:
     >>> x = torch.randn(2000, 20)
@@ -27,11 +28,15 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
+import numpy as np
+import scipy.linalg
 import torch
 
 from surgery.similarity.cka import Matrix, paired_matrices
+from surgery.similarity.stats import Jackknife
 
 logger = logging.getLogger(__name__)
 
@@ -46,48 +51,100 @@ class Moments(NamedTuple):
     xy: torch.Tensor
 
 
-def moments(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None) -> Moments:
-    """Centred (optionally example-weighted) second moments; weights are resampling multiplicities."""
-    if weights is None:
-        x, y = x - x.mean(0), y - y.mean(0)
-        return Moments(x.T @ x, y.T @ y, x.T @ y)
-    w = weights.to(x.dtype)[:, None]
-    x = x - (w * x).sum(0) / w.sum()
-    y = y - (w * y).sum(0) / w.sum()
-    wx = w * x
-    return Moments(x.T @ wx, y.T @ (w * y), wx.T @ y)
+def moments(x: torch.Tensor, y: torch.Tensor) -> Moments:
+    """Centred second moments of two representations of the same examples."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    return Moments(x.T @ x, y.T @ y, x.T @ y)
 
 
-class ImageMoments:
-    """Per-image sums and cross-products of ``x: [N, P, p]`` and ``y: [N, P, q]`` (P rows per image).
+class MomentAccumulator:
+    """Streamed sums and cross-products of ``x: [rows, p]`` and ``y: [rows, q]``, kept per group of images.
 
-    Resampling images (a bootstrap replicate) then costs one weighted sum over the ``N`` images
-    instead of a pass over all ``N * P`` rows: :meth:`moments` with ``weights`` equals
-    :func:`moments` of the rows, each row weighted by its image's weight. Memory:
-    :meth:`nbytes` (``N (p^2 + q^2 + p q)`` doubles).
+    Each :meth:`update` adds one batch's rows (every spatial position of its images) to one of
+    ``groups`` groups. :meth:`moments` gives the centred moments of all rows, or of all rows but
+    one group's (``leave_out``): what the delete-a-group jackknife refits CCA on. Memory:
+    ``groups (p^2 + q^2 + p q)`` doubles, whatever the number of images (:meth:`nbytes`).
+
+    Rows are shifted by the first batch's means before summing, so the final centring does not
+    cancel the digits of large ReLU activations.
+
+    Example:
+        >>> acc = MomentAccumulator(groups=10)
+        >>> for k, (xb, yb) in enumerate(batches):
+        ...     acc.update(xb, yb, group=k % 10)
+        >>> jk = acc.jackknife()            # {"svcca": Jackknife, "pwcca": Jackknife}
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # Centre on the overall mean first: the per-image products are uncentred, and small
-        # values keep the later subtraction of the weighted mean from cancelling digits.
-        x, y = x - x.mean((0, 1)), y - y.mean((0, 1))
-        self.positions = x.shape[1]
-        self.sum_x, self.sum_y = x.sum(1), y.sum(1)
-        self.xx = torch.einsum("npi,npj->nij", x, x)
-        self.yy = torch.einsum("npi,npj->nij", y, y)
-        self.xy = torch.einsum("npi,npj->nij", x, y)
+    def __init__(self, groups: int = 1) -> None:
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1, got {groups}")
+        self.groups = groups
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sums: list[list[torch.Tensor]] | None = None  # per group: rows, sx, sy, sxx, syy, sxy
+        self.images = 0
 
     @staticmethod
-    def nbytes(images: int, p: int, q: int) -> int:
-        return images * (p * p + q * q + p * q) * 8
+    def nbytes(groups: int, p: int, q: int) -> int:
+        return groups * (p * p + q * q + p * q + p + q + 1) * 8
 
-    def moments(self, weights: torch.Tensor | None = None) -> Moments:
-        w = torch.ones(len(self.xx), dtype=self.xx.dtype) if weights is None else weights.to(self.xx.dtype)
-        rows = w.sum() * self.positions
-        mean_x, mean_y = w @ self.sum_x / rows, w @ self.sum_y / rows
-        return Moments(torch.einsum("n,nij->ij", w, self.xx) - rows * torch.outer(mean_x, mean_x),
-                       torch.einsum("n,nij->ij", w, self.yy) - rows * torch.outer(mean_y, mean_y),
-                       torch.einsum("n,nij->ij", w, self.xy) - rows * torch.outer(mean_x, mean_y))
+    def update(self, x: torch.Tensor, y: torch.Tensor, group: int = 0, images: int | None = None) -> None:
+        """Add rows ``x: [rows, p]``, ``y: [rows, q]`` (of ``images`` images) to ``group``."""
+        x, y = x.detach().to(torch.float64).cpu(), y.detach().to(torch.float64).cpu()
+        if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
+            raise ValueError(f"x and y must be [rows, features] with the same rows, got {tuple(x.shape)}, {tuple(y.shape)}")
+        if not 0 <= group < self.groups:
+            raise ValueError(f"group must be in 0..{self.groups - 1}, got {group}")
+        if self._shift is None:
+            self._shift = (x.mean(0), y.mean(0))
+            p, q = x.shape[1], y.shape[1]
+            zeros = [torch.zeros(()), torch.zeros(p), torch.zeros(q), torch.zeros(p, p), torch.zeros(q, q),
+                     torch.zeros(p, q)]
+            self._sums = [[z.double().clone() for z in zeros] for _ in range(self.groups)]
+        x, y = x - self._shift[0], y - self._shift[1]
+        sums = self._sums[group]
+        for k, part in enumerate((torch.tensor(float(len(x))), x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y)):
+            sums[k] += part.double()
+        self.images += len(x) if images is None else images
+
+    def moments(self, leave_out: int | None = None) -> Moments:
+        """Centred moments of every row, or of every row outside group ``leave_out``."""
+        if self._sums is None:
+            raise ValueError("MomentAccumulator has seen no rows yet: call update() first")
+        chosen = [s for g, s in enumerate(self._sums) if g != leave_out]
+        rows, sx, sy, sxx, syy, sxy = (sum(s[k] for s in chosen) for k in range(6))
+        if float(rows) < 2:
+            raise ValueError("fewer than 2 rows left to estimate moments from")
+        mx, my = sx / rows, sy / rows
+        return Moments(sxx - rows * torch.outer(mx, mx), syy - rows * torch.outer(my, my),
+                       sxy - rows * torch.outer(mx, my))
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """Features of ``x`` and ``y`` (0 before the first update)."""
+        return (len(self._shift[0]), len(self._shift[1])) if self._shift else (0, 0)
+
+    @property
+    def rows(self) -> int:
+        return int(sum(float(s[0]) for s in self._sums)) if self._sums else 0
+
+    def jackknife(self, methods: tuple[str, ...] = CCA_METHODS, keep: float | int | None = 0.99) -> dict[str, Jackknife]:
+        """Each method's score on all rows and without each group (NaN where a group is empty)."""
+        full = cca_scores(self.moments(), methods, keep)
+        leave_out = {m: [] for m in methods}
+        for g in range(self.groups):
+            empty = float(self._sums[g][0]) == 0
+            scores = {m: math.nan for m in methods} if empty or self.groups == 1 else \
+                _scores_or_nan(self.moments(g), methods, keep)
+            for m in methods:
+                leave_out[m].append(scores[m])
+        return {m: Jackknife(full[m], np.array(leave_out[m]), self.images) for m in methods}
+
+
+def _scores_or_nan(m: Moments, methods: tuple[str, ...], keep: float | int | None) -> dict[str, float]:
+    try:
+        return cca_scores(m, methods, keep)
+    except (ValueError, torch.linalg.LinAlgError):  # the rest has no variance, or no SVD converges
+        return {method: math.nan for method in methods}
 
 
 def _spectrum(cov: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +186,23 @@ def check_keep(keep: float | int | None) -> None:
         raise ValueError(f"keep as a variance fraction must be in (0, 1], got {keep}")
 
 
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values; LAPACK's slower gesvd where gesdd does not converge
+    (it fails on the many repeated singular values of layers with fewer rows than channels)."""
+    try:
+        p, rho, _ = torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        p, rho, _ = scipy.linalg.svd(a.cpu().numpy(), full_matrices=False, lapack_driver="gesvd")
+        p, rho = torch.from_numpy(p).to(a), torch.from_numpy(rho).to(a)
+    return p, rho
+
+
 def _cca(m: Moments, wx: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical correlations (descending) and the x-side canonical weights ``[d_x, k]``.
 
     The i-th canonical variate is ``h_i = x_centred @ a_i``, of unit norm over the examples.
     """
-    p, rho, _ = torch.linalg.svd(wx.T @ m.xy @ wy, full_matrices=False)
+    p, rho = _svd(wx.T @ m.xy @ wy)
     return rho.clamp(0.0, 1.0), wx @ p[:, :rho.numel()]
 
 

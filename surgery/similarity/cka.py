@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from surgery.similarity.stats import DEFAULT_BOOT, percentile_interval, resample_counts
+from surgery.similarity.stats import Jackknife
 
 Matrix = torch.Tensor | np.ndarray
 
@@ -122,18 +122,18 @@ class MinibatchCKA:
     over the batches ``k``: memory is one ``b x b`` Gram matrix per layer plus three numbers per
     pair and batch, whatever the number of images.
 
-    Bootstrap (:meth:`interval`): the resampling unit is images, drawn as the whole minibatches
-    they were seen in. Each batch's unbiased HSIC is a U-statistic over *distinct* images; an
-    image resampled twice into one batch would be paired with itself and bias it upward, while
-    batches of distinct images are independent draws, so resampling batches is exact.
-    Use at least ~10 batches for a meaningful interval.
+    Interval (:meth:`jackknife`): the batches are dealt into ``G`` groups (batch ``k`` into group
+    ``k % G``) and the CKA is recomputed without each group. Each batch's unbiased HSIC is a
+    U-statistic over *distinct* images; resampling images with replacement would pair an image
+    with itself inside a batch and bias it, while leaving whole batches out keeps every batch
+    intact. Use at least ~10 batches for a meaningful interval.
 
     Example:
         >>> acc = MinibatchCKA()
         >>> for images, _ in loader:
         ...     acc.update([f(images) for f in layers_a], [g(images) for g in layers_b])
         >>> values = acc.compute()          # [I, J]
-        >>> low, high = acc.interval(n_boot=1000, seed=0)
+        >>> low, high = acc.jackknife(groups=16).interval()
     """
 
     def __init__(self) -> None:
@@ -174,21 +174,46 @@ class MinibatchCKA:
         return (torch.stack(self._cross).numpy(), torch.stack(self._self_x).numpy(),
                 torch.stack(self._self_y).numpy())
 
+    def batch_values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-batch unbiased HSIC values ``cross [B, I, J]``, ``self_x [B, I]``, ``self_y [B, J]``
+        (what a shard of a study stores; :meth:`from_batch_values` restores the accumulator)."""
+        return self._stacked()
+
+    @classmethod
+    def from_batch_values(cls, cross: np.ndarray, self_x: np.ndarray, self_y: np.ndarray,
+                          num_examples: int) -> "MinibatchCKA":
+        acc = cls()
+        acc._cross = list(torch.from_numpy(np.asarray(cross, dtype=np.float64)))
+        acc._self_x = list(torch.from_numpy(np.asarray(self_x, dtype=np.float64)))
+        acc._self_y = list(torch.from_numpy(np.asarray(self_y, dtype=np.float64)))
+        acc.num_examples = num_examples
+        return acc
+
     def compute(self) -> torch.Tensor:
         """CKA ``[I, J]`` (a 0-d tensor when single matrices were passed); NaN where a layer is constant."""
         cross, self_x, self_y = self._stacked()
         values = torch.from_numpy(_cka_from_means(cross.mean(0), self_x.mean(0), self_y.mean(0)))
         return values[0, 0] if self._single else values
 
-    def interval(self, n_boot: int = DEFAULT_BOOT, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bootstrap percentile interval over minibatches (see the class docstring)."""
+    def jackknife(self, groups: int | None = None) -> Jackknife:
+        """CKA and its values without each group of batches (batch ``k`` in group ``k % groups``).
+
+        ``groups`` defaults to one batch per group; fewer groups than batches pool them.
+        """
         cross, self_x, self_y = self._stacked()
-        counts = resample_counts(len(cross), n_boot, seed) / len(cross)  # [n_boot, batches]
-        means = [np.tensordot(counts, a, axes=1) for a in (cross, self_x, self_y)]
-        low, high = percentile_interval(_cka_from_means(*means), confidence)
-        low, high = torch.from_numpy(low), torch.from_numpy(high)
-        return (low[0, 0], high[0, 0]) if self._single else (low, high)
+        batches = len(cross)
+        groups = batches if groups is None else min(groups, batches)
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1, got {groups}")
+        member = np.arange(batches) % groups
+        keep = (member[None, :] != np.arange(groups)[:, None]).astype(np.float64)  # [G, batches]
+        keep /= keep.sum(1, keepdims=True).clip(min=1)
+        means = [np.tensordot(keep, a, axes=1) for a in (cross, self_x, self_y)]
+        value = _cka_from_means(cross.mean(0), self_x.mean(0), self_y.mean(0))
+        leave_out = _cka_from_means(*means) if groups > 1 else np.full((1, *value.shape), np.nan)
+        if self._single:
+            value, leave_out = value[0, 0], leave_out[:, 0, 0]
+        return Jackknife(value, leave_out, self.num_examples, "image")
 
 
 def _centred_grams(features: list[Matrix], name: str) -> tuple[torch.Tensor, torch.Tensor]:

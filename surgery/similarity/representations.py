@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,14 +30,13 @@ from tqdm.auto import tqdm
 
 from surgery import compression
 from surgery.attribution.activations import LayerCapture
-from surgery.similarity.cca import CCA_METHODS, ImageMoments, Moments, cca_scores, check_keep, moments, warn_if_overfit
+from surgery.similarity.cca import CCA_METHODS, MomentAccumulator, check_keep, warn_if_overfit
 from surgery.similarity.cka import MinibatchCKA
-from surgery.similarity.stats import DEFAULT_BOOT, percentile_interval, resample_counts
+from surgery.similarity.stats import DEFAULT_GROUPS, Jackknife
 
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("flatten", "pool", "positions")
-IMAGE_MOMENTS_BUDGET = 256 * 2**20  # bytes of per-image moments worth keeping to speed up the bootstrap
 METHODS = ("cka",) + CCA_METHODS
 
 
@@ -119,7 +118,12 @@ def iter_activations(models: Mapping[str, nn.Module], loader: Iterable, layers: 
 
 @dataclass(frozen=True)
 class LayerSimilarity:
-    """A layer x layer similarity matrix between two models, with bootstrap percentile intervals."""
+    """A layer x layer similarity matrix between two models, with jackknife intervals over images.
+
+    ``leave_out`` (``[groups, len(layers_a), len(layers_b)]``, not written by :meth:`to_dict`)
+    keeps the leave-one-group-out values, from which paired contrasts between two matrices
+    computed on the same images get their own intervals (:meth:`jackknife`).
+    """
 
     method: str
     layers_a: tuple[str, ...]
@@ -128,9 +132,22 @@ class LayerSimilarity:
     low: np.ndarray
     high: np.ndarray
     num_images: int
-    resampling: str  # what the bootstrap resampled
+    resampling: str  # what the interval left out
     confidence: float
-    n_boot: int
+    groups: int  # jackknife groups of images
+    leave_out: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_jackknife(cls, method: str, layers_a, layers_b, jk: Jackknife, resampling: str,
+                       confidence: float, mask: str = "all") -> "LayerSimilarity":
+        low, high = jk.interval(confidence)
+        return cls(method, tuple(layers_a), tuple(layers_b), _mask(jk.value, mask), _mask(low, mask),
+                   _mask(high, mask), jk.n, resampling, confidence, jk.groups, jk.leave_out)
+
+    def jackknife(self) -> Jackknife:
+        if self.leave_out is None:
+            raise ValueError("this similarity was read back without its leave-out replicates")
+        return Jackknife(self.values, self.leave_out, self.num_images)
 
     def to_dict(self, digits: int = 6) -> dict:
         """JSON-ready: matrices as nested lists, NaN as ``None``."""
@@ -140,26 +157,29 @@ class LayerSimilarity:
         return {"method": self.method, "layers_a": list(self.layers_a), "layers_b": list(self.layers_b),
                 "values": matrix(self.values), "low": matrix(self.low), "high": matrix(self.high),
                 "num_images": self.num_images, "resampling": self.resampling,
-                "confidence": self.confidence, "n_boot": self.n_boot}
+                "confidence": self.confidence, "groups": self.groups}
 
 
 def layer_similarity(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: Sequence[str],
                      layers_b: Sequence[str] | None = None, method: str | Sequence[str] = "cka", *,
                      reduce: str | None = None, pairs: str = "all", keep: float | int | None = 0.99,
-                     max_images: int | None = None, n_boot: int = DEFAULT_BOOT, confidence: float = 0.95,
-                     seed: int = 0, progress: bool = False) -> LayerSimilarity | dict[str, LayerSimilarity]:
+                     max_images: int | None = None, groups: int = DEFAULT_GROUPS, confidence: float = 0.95,
+                     seed: int | None = None, progress: bool = False) -> LayerSimilarity | dict[str, LayerSimilarity]:
     """Similarity of every layer of ``model_a`` with every layer of ``model_b`` over a dataset.
 
-    Works with FP32, NNCF INT8 and sparse models alike (and with the same model twice).
+    Works with FP32, NNCF INT8 and sparse models alike (and with the same model twice). Every
+    method streams: memory is bounded by one batch (plus, for CCA, second moments per group).
+    Intervals: the delete-a-group jackknife over ``groups`` groups of images (batch ``k`` in
+    group ``k % groups``; see :mod:`surgery.similarity.stats`). It is deterministic, so ``seed``
+    changes nothing (accepted for callers of the earlier bootstrap version).
 
     - ``method="cka"``: debiased linear CKA streamed over the loader's minibatches (Nguyen et al.
-      2021), conv maps flattened; memory is bounded by one batch. The interval resamples the
-      minibatches (images in the groups they were seen in; at least ~10 batches for a useful one).
+      2021), conv maps flattened. At least ~10 batches for a useful interval.
     - ``method="svcca"`` / ``"pwcca"`` (Raghu et al. 2017 / Morcos et al. 2018): the reduced
       activations (default ``reduce="positions"``: each spatial position of each image is an
-      example, channels are features) are kept for every image; the interval resamples images,
-      each with all its positions. Where the two layers' maps differ in size the finer one is
-      average-pooled to the coarser grid. ``keep`` is SVCCA's variance fraction.
+      example, channels are features) are summed into second moments, exactly (no subsample).
+      Where the two layers' maps differ in size the finer one is average-pooled to the coarser
+      grid. ``keep`` is SVCCA's variance fraction.
 
     ``method=("svcca", "pwcca")`` computes both from one pass over the data and returns
     ``{method: LayerSimilarity}``. ``pairs="diagonal"`` computes only ``(layers_a[i],
@@ -171,6 +191,7 @@ def layer_similarity(model_a: nn.Module, model_b: nn.Module, loader: Iterable, l
         (2, 2)
         >>> both = layer_similarity(fp32, int8, loader, ["layer4"], method=("svcca", "pwcca"))
     """
+    del seed  # the jackknife draws nothing
     layers_a = tuple(layers_a)
     layers_b = tuple(layers_b) if layers_b is not None else layers_a
     methods = (method,) if isinstance(method, str) else tuple(method)
@@ -186,14 +207,19 @@ def layer_similarity(model_a: nn.Module, model_b: nn.Module, loader: Iterable, l
                          f"got {len(layers_a)} and {len(layers_b)}")
     if not layers_a or not layers_b:
         raise ValueError("give at least one layer on each side")
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, got {groups}")
     check_keep(keep)
     reduce = reduce or ("flatten" if methods == ("cka",) else "positions")
     models, layers = {"a": model_a, "b": model_b}, {"a": layers_a, "b": layers_b}
     stream = iter_activations(models, loader, layers, reduce=reduce, max_images=max_images, progress=progress)
     if methods == ("cka",):
-        result = {"cka": _streamed_cka(stream, layers_a, layers_b, pairs, n_boot, confidence, seed, reduce)}
+        acc = streamed_cka(((acts["a"], acts["b"]) for acts in stream), reduce)
+        result = {"cka": LayerSimilarity.from_jackknife("cka", layers_a, layers_b, acc.jackknife(groups),
+                                                        "jackknife: groups of minibatches of images left out",
+                                                        confidence, pairs)}
     else:
-        result = _stored_cca(stream, layers_a, layers_b, methods, pairs, keep, n_boot, confidence, seed, reduce)
+        result = _streamed_cca(stream, layers_a, layers_b, methods, pairs, keep, groups, confidence, reduce)
     return result[method] if isinstance(method, str) else result
 
 
@@ -203,10 +229,11 @@ def _mask(values: np.ndarray, pairs: str) -> np.ndarray:
     return np.where(np.eye(*values.shape, dtype=bool), values, np.nan)
 
 
-def _streamed_cka(stream, layers_a, layers_b, pairs, n_boot, confidence, seed, reduce) -> LayerSimilarity:
+def streamed_cka(stream: Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                 reduce: str = "flatten") -> MinibatchCKA:
+    """A :class:`MinibatchCKA` fed by ``(xs, ys)`` batches of layer activations."""
     acc, skipped = MinibatchCKA(), 0
-    for acts in stream:
-        xs, ys = acts["a"], acts["b"]
+    for xs, ys in stream:
         if reduce == "positions":  # CKA needs one row per image
             xs, ys = [x.flatten(1) for x in xs], [y.flatten(1) for y in ys]
         if len(xs[0]) < 4:
@@ -216,14 +243,11 @@ def _streamed_cka(stream, layers_a, layers_b, pairs, n_boot, confidence, seed, r
     if skipped:
         logger.warning("minibatch CKA: left out a final batch of %d images (fewer than 4)", skipped)
     if acc.num_batches < 10:
-        logger.warning("minibatch CKA over %d batches only: the bootstrap interval is rough", acc.num_batches)
-    low, high = acc.interval(n_boot, confidence, seed)
-    return LayerSimilarity("cka", layers_a, layers_b, _mask(acc.compute().numpy(), pairs),
-                           _mask(low.numpy(), pairs), _mask(high.numpy(), pairs), acc.num_examples,
-                           "images, in their minibatches", confidence, n_boot)
+        logger.warning("minibatch CKA over %d batches only: the interval is rough", acc.num_batches)
+    return acc
 
 
-def _matched(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def matched_positions(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, P, C]`` pairs with the same positions per image; the finer grid pooled to the coarser."""
     if x.shape[1] == y.shape[1]:
         return x, y
@@ -240,46 +264,51 @@ def _matched(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return pool(x, side_x, coarse), pool(y, side_y, coarse)
 
 
-def _image_weighted_moments(x: torch.Tensor, y: torch.Tensor):
-    """``weights [N] -> Moments`` of the rows of ``x: [N, P, p]``, ``y``, each image weighted as a whole.
+class CCAStream:
+    """SVCCA/PWCCA of layer pairs, fed batch by batch, with moments per jackknife group.
 
-    Resampling an image repeats all its positions; with several positions per image and room in
-    the budget, per-image moments make each replicate a sum over images, not over rows.
+    ``todo`` lists the ``(i, j)`` layer pairs; :meth:`update` takes one batch of ``[b, P, C]``
+    activations per layer on each side (see :func:`reduce_activation` ``"positions"``).
     """
-    if x.shape[1] > 1 and ImageMoments.nbytes(x.shape[0], x.shape[2], y.shape[2]) <= IMAGE_MOMENTS_BUDGET:
-        return ImageMoments(x, y).moments
-    rows_x, rows_y, positions = x.reshape(-1, x.shape[2]), y.reshape(-1, y.shape[2]), x.shape[1]
 
-    def weighted(weights: torch.Tensor | None) -> Moments:
-        return moments(rows_x, rows_y, None if weights is None else weights.repeat_interleave(positions))
+    def __init__(self, todo: Sequence[tuple[int, int]], groups: int) -> None:
+        self.todo, self.groups = list(todo), groups
+        self.accumulators = {pair: MomentAccumulator(groups) for pair in self.todo}
+        self.batches = 0
 
-    return weighted
+    def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
+        group = self.batches % self.groups
+        for i, j in self.todo:
+            x, y = xs[i], ys[j]
+            x, y = (x if x.dim() == 3 else x[:, None]), (y if y.dim() == 3 else y[:, None])
+            x, y = matched_positions(x, y)
+            self.accumulators[i, j].update(x.reshape(-1, x.shape[2]), y.reshape(-1, y.shape[2]), group, len(x))
+        self.batches += 1
+
+    def jackknife(self, shape: tuple[int, int], methods: tuple[str, ...], keep) -> dict[str, Jackknife]:
+        """``{method: Jackknife of the [I, J] matrix}``, NaN at pairs not computed."""
+        if not self.batches:
+            raise ValueError("the loader yielded no images")
+        groups = min(self.groups, self.batches)
+        value = {m: np.full(shape, np.nan) for m in methods}
+        leave_out = {m: np.full((groups, *shape), np.nan) for m in methods}
+        images = 0
+        worst = min(self.accumulators.values(), key=lambda acc: acc.rows / max(min(acc.dims), 1))
+        warn_if_overfit(worst.rows, min(worst.dims))  # once, for the pair with the fewest rows per direction
+        for (i, j), acc in self.accumulators.items():
+            for m, jk in acc.jackknife(methods, keep).items():
+                value[m][i, j], leave_out[m][:, i, j] = jk.value, jk.leave_out[:groups]
+            images = acc.images
+        return {m: Jackknife(value[m], leave_out[m], images) for m in methods}
 
 
-def _stored_cca(stream, layers_a, layers_b, methods, pairs, keep, n_boot, confidence, seed,
-                reduce) -> dict[str, LayerSimilarity]:
-    kept: dict[str, list[list[torch.Tensor]]] = {"a": [[] for _ in layers_a], "b": [[] for _ in layers_b]}
-    for acts in stream:
-        for side in ("a", "b"):
-            for store, act in zip(kept[side], acts[side]):
-                store.append(act if act.dim() == 3 else act[:, None])  # [b, positions, features]
-    if not kept["a"][0]:
-        raise ValueError("the loader yielded no images")
-    feats = {side: [torch.cat(store).double() for store in kept[side]] for side in kept}
-    num_images = feats["a"][0].shape[0]
-    counts = torch.from_numpy(resample_counts(num_images, n_boot, seed))
+def _streamed_cca(stream, layers_a, layers_b, methods, pairs, keep, groups, confidence,
+                  reduce) -> dict[str, LayerSimilarity]:
     shape = (len(layers_a), len(layers_b))
-    values, low, high = ({m: np.full(shape, np.nan) for m in methods} for _ in range(3))
     todo = [(i, i) for i in range(len(layers_a))] if pairs == "diagonal" else list(np.ndindex(*shape))
-    for i, j in tqdm(todo, desc="/".join(methods), leave=False):
-        x, y = _matched(feats["a"][i], feats["b"][j])
-        warn_if_overfit(x.shape[0] * x.shape[1], min(x.shape[2], y.shape[2]))
-        weighted = _image_weighted_moments(x, y)
-        full = cca_scores(weighted(None), methods, keep)
-        replicates = [cca_scores(weighted(c), methods, keep) for c in counts]
-        for m in methods:
-            values[m][i, j] = full[m]
-            low[m][i, j], high[m][i, j] = percentile_interval(np.array([r[m] for r in replicates]), confidence)
-    resampling = "images" + (", with all their positions" if reduce == "positions" else "")
-    return {m: LayerSimilarity(m, layers_a, layers_b, values[m], low[m], high[m], num_images, resampling,
-                               confidence, n_boot) for m in methods}
+    cca = CCAStream(todo, groups)
+    for acts in stream:
+        cca.update(acts["a"], acts["b"])
+    resampling = "jackknife: groups of images left out" + (", with all their positions" if reduce == "positions" else "")
+    return {m: LayerSimilarity.from_jackknife(m, layers_a, layers_b, jk, resampling, confidence)
+            for m, jk in cca.jackknife(shape, methods, keep).items()}
