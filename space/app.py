@@ -98,7 +98,8 @@ def _create(args: argparse.Namespace) -> tuple[gr.Blocks, dict]:
     logger.info("precomputing the Features tab's first view for %s", first)
     session.precompute(first, args.feature_steps)
     examples = write_examples(cache / "examples", session.families)
-    demo = build_demo(session, examples, concurrency=args.concurrency, feature_steps=args.feature_steps)
+    demo = build_demo(session, examples, concurrency=args.concurrency, feature_steps=args.feature_steps,
+                      study_root=cache / "study")
     launch = {"server_name": args.host, "server_port": args.port, "max_file_size": MAX_FILE_BYTES,
               "allowed_paths": [str(cache)], "footer_links": ["api"], "css": CSS}
     return demo, launch

@@ -88,5 +88,5 @@ def add_study_tab(root: Path, zoos: Mapping[str, Path]) -> None:
         def update(name: str):
             return study_view(root, zoos, name)
 
-        show.click(update, family, [curves, reading, table], api_visibility="private")
+        show.click(update, family, [curves, reading, table], api_name="study")
         family.change(update, family, [curves, reading, table], api_visibility="private")

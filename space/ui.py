@@ -48,6 +48,7 @@ from space import deployment, render
 from space.examples import Example
 from space.session import (DEFAULT_CHANNELS, DEFAULT_STEPS, MAX_CHANNELS, MAX_COLUMNS, MAX_STEPS, MIN_STEPS,
                            SALIENCY_METHODS, TOP_K, Session, default_columns)
+from space.study_tab import add_study_tab
 from space.zoo_source import REQUIRED
 from surgery.images import MAX_FILE_BYTES, decode_image, model_view, to_tensor
 from surgery.registry import get_family
@@ -320,8 +321,9 @@ def _slot_title(i: int, chosen: list[str]) -> str:
 
 
 def build_demo(session: Session, examples: dict[str, list[Example]], concurrency: int = 2,
-               feature_steps: int = DEFAULT_STEPS) -> gr.Blocks:
+               feature_steps: int = DEFAULT_STEPS, study_root: Path | None = None) -> gr.Blocks:
     """The page. ``examples``: each family's example images (shown for the selected family);
+    ``study_root``: where ``python -m study --cache-root`` wrote its results (the Study tab);
     ``concurrency``: requests served at once per action (locks keep models apart);
     ``feature_steps``: the Features tab's initial optimisation steps (precomputed at start-up)."""
     families = list(session.families)
@@ -434,6 +436,10 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
             m_code = gr.Markdown()
             m_family.change(h.models, m_family, [m_table, m_code], api_name="models")
             demo.load(h.models, m_family, [m_table, m_code], api_visibility="private")
+
+        local = {f: zoo.directory for f, zoo in session.families.items() if zoo.directory is not None}
+        if study_root is not None and local:
+            add_study_tab(study_root, local)
 
         # Variants trained in the background join the choices: on page load, then every few
         # seconds while something trains (the timer stops itself after).

@@ -327,3 +327,10 @@ def _session(demo):
     """The Session behind a running demo (the Explain handler is bound to it)."""
     explain = next(f for f in demo.fns.values() if f.api_name == "explain")
     return explain.fn.__self__.session
+
+
+def test_study_tab_says_how_to_compute_a_missing_study(client, tiny_zoo):
+    """No study of the served weights in the cache: the tab names the command that computes it."""
+    curves, reading, table = client.predict(FAMILY, api_name="/study")
+    assert curves == [] and "No study of these weights yet" in reading
+    assert f"python -m study --zoo {tiny_zoo}" in reading
