@@ -41,7 +41,10 @@ from surgery.variants import DEFAULT_ZOO, LADDER, parse_variant, seed_name, sort
 logger = logging.getLogger(__name__)
 
 DEFAULT_HUB_ORG = "compressed-cnn-surgery"
-DEFAULT_FAMILIES = ("resnet18-shapes", "resnet18-cifar10", "resnet50-imagenet")
+DEFAULT_FAMILIES = ("resnet18-shapes", "resnet18-fashionmnist", "resnet18-cifar10", "resnet50-imagenet")
+# Of the default families, the one built here when no zoo has it: shapes trains in minutes, so a
+# fresh machine gets a page soon. A family named with --families is built when its data is here.
+DEFAULT_BUILD = ("resnet18-shapes",)
 REQUIRED = "fp32"  # what a family must have to be served: every comparison is against it
 SEED_CONTROLS = tuple(seed_name("fp32", k) for k in (1, 2))
 # Trained before the page is served on a fresh machine; the rest follows in the background.
@@ -71,6 +74,11 @@ class SourceConfig:
     zoo: Path = Path("zoo")
     source: str = "auto"  # auto: Hub, then local zoo, then build; hub / local: only that
     revision: str | None = None
+    build: tuple[str, ...] | None = DEFAULT_BUILD  # built here if missing (None: any with offline data)
+
+    def may_build(self, family: str) -> bool:
+        """Whether ``family`` is trained here when neither the Hub nor a local zoo has it."""
+        return self.source == "auto" and offline_available(family) and (self.build is None or family in self.build)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zoo", Path(self.zoo))
@@ -90,7 +98,8 @@ class SourceConfig:
                    families=tuple(families or DEFAULT_FAMILIES),
                    zoo=Path(zoo or env.get("SURGERY_ZOO") or "zoo"),
                    source=source or env.get("SURGERY_SOURCE") or "auto",
-                   revision=revision or env.get("SURGERY_HUB_REVISION") or None)
+                   revision=revision or env.get("SURGERY_HUB_REVISION") or None,
+                   build=None if families else DEFAULT_BUILD)
 
     def repo_id(self, family: str, variant: str) -> str:
         return f"{self.hub_org}/{family}-{variant}"
@@ -269,7 +278,7 @@ def _unreachable(exc: Exception) -> bool:
 def _from_disk(config: SourceConfig, family: str, reasons: list[str], build: BuildOptions) -> FamilyZoo | None:
     """A local zoo of ``family`` with its FP32 model, else (``auto`` source, data on this machine)
     one built here; a zoo this app began building keeps its unbuilt variants as ``pending``."""
-    buildable = config.source == "auto" and offline_available(family)
+    buildable = config.may_build(family)
     if config.source in ("auto", "local"):
         directory = family_zoo_dir(config.zoo, family)
         if directory is not None and is_complete(directory):

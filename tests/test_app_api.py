@@ -24,6 +24,7 @@ from hub_servers import GitRepos, Olah, closed_endpoint
 from test_images import png_header_only
 from surgery import attribution, compression, load_variant
 from surgery.actmax import activation_maximization
+from surgery.data import offline_available
 from surgery.images import load_image
 from surgery.registry import get_family
 from surgery.similarity import map_spearman, topk_iou
@@ -334,3 +335,15 @@ def test_study_tab_says_how_to_compute_a_missing_study(client, tiny_zoo):
     curves, reading, table = client.predict(FAMILY, api_name="/study")
     assert curves == [] and "No study of these weights yet" in reading
     assert f"python -m study --zoo {tiny_zoo}" in reading
+
+
+def test_only_the_quick_family_is_built_unless_asked(monkeypatch):
+    """A fresh `python app.py` trains shapes (minutes) only; Fashion-MNIST is built when named."""
+    monkeypatch.delenv("SURGERY_FAMILIES", raising=False)
+    default = SourceConfig.from_env()
+    assert "resnet18-fashionmnist" in default.families
+    assert default.may_build("resnet18-shapes") and not default.may_build("resnet18-fashionmnist")
+    asked = SourceConfig.from_env(families="resnet18-fashionmnist")
+    assert asked.may_build("resnet18-fashionmnist") == offline_available("resnet18-fashionmnist")
+    assert not SourceConfig.from_env(families="resnet18-cifar10").may_build("resnet18-cifar10")
+    assert not SourceConfig.from_env(families="resnet18-shapes", source="local").may_build("resnet18-shapes")
