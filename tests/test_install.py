@@ -202,7 +202,7 @@ def test_load_variant_by_repo_id_from_the_local_hub(installed, hub, tiny_zoo):
 
 def test_console_scripts(installed, tmp_path):
     bin_ = installed.venv / "bin"
-    for script in ("surgery-train", "surgery-hub", "surgery-report"):
+    for script in ("surgery-train", "surgery-hub", "surgery-report", "surgery-study"):
         done = _run([str(bin_ / script), "--help"], cwd=installed.outside, env=_clean_env(installed.venv))
         assert done.returncode == 0 and "usage:" in done.stdout, f"{script}: {done.stderr[-2000:]}"
     done = _run([str(bin_ / "surgery-hub"), "push-zoo", str(tmp_path / "none"), "--org", ORG, "--dry-run",
