@@ -231,4 +231,5 @@ def test_explain_on_a_fashion_example_answers_with_its_classes(client):
 
     first = client.predict(FAMILY.name, api_name="/examples")["samples"][0][0]
     out = client.predict(handle_file(first), FAMILY.name, "gradient", api_name="/explain")
-    assert {item["label"] for item in out[0]["confidences"]} <= set(FASHION_MNIST_CLASSES)
+    title, top5 = out[0], out[1]  # each column: title, top-5, GradCAM, saliency
+    assert title == "### FP32" and {item["label"] for item in top5["confidences"]} <= set(FASHION_MNIST_CLASSES)
