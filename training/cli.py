@@ -131,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
                    help="push each variant to ORG/<family>-<variant> with its model card as soon as it is "
                         "built and evaluated (token: HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create missing repos as private")
+    p.add_argument("--epochs", type=int, help="every stage's epochs (with --max-steps: a quick smoke zoo)")
     _common(p)
     return top
 
