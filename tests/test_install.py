@@ -132,7 +132,7 @@ with torch.no_grad():
     logits = model(x)
 e = surgery.explain(model, x)
 acts = surgery.activation_maximization(model, "layer4", [0], steps=2, size=64, progress=lambda s, t: None)
-print(json.dumps({{"logits": logits.tolist(), "file": surgery.__file__, "kind": config["kind"],
+print(json.dumps({{"logits": logits.tolist(), "file": surgery.__file__, "kind": config["kind"], "variant": config["variant"],
                   "gradcam": list(e.gradcam.shape), "actmax": list(acts.images.shape),
                   "cka": float(surgery.cka(e.saliency.flatten(1), e.gradcam.flatten(1)))}}))
 """
@@ -177,19 +177,20 @@ def test_pyproject_pins_agree_with_requirements_txt():
 
 def test_install_holds_surgery_and_its_tools_but_not_the_space_dependencies(installed):
     done = run_outside(installed, """
-import importlib.util, json, surgery, space.report
-print(json.dumps({"surgery": surgery.__file__, "template": space.report._TEMPLATE.is_file(),
+import importlib.util, json, surgery, study.page
+print(json.dumps({"surgery": surgery.__file__, "template": study.page._TEMPLATE.is_file(),
                   "missing": [m for m in ("gradio", "pytest", "olah") if importlib.util.find_spec(m) is not None]}))
 """)
     found = last_json(done)
     assert found["surgery"].startswith(str(installed.venv)), "imported from the checkout, not the install"
-    assert found["template"], "package data (space/report_template.html) was not installed"
+    assert found["template"], "package data (study/template.html) was not installed"
     assert found["missing"] == [], f"a plain install brought {found['missing']}"
 
 
 def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo):
     result = last_json(run_outside(installed, PROBE.format(source=str(tiny_zoo / "int8"))))
-    assert result["kind"] == "int8" and result["file"].startswith(str(installed.venv))
+    assert (result["kind"], result["variant"]) == ("quantized", "int8")
+    assert result["file"].startswith(str(installed.venv))
     assert close(result["logits"], _logits(tiny_zoo / "int8"))
     assert result["gradcam"] == [2, 64, 64] and result["actmax"] == [1, 3, 64, 64]
 
@@ -197,7 +198,7 @@ def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo)
 def test_load_variant_by_repo_id_from_the_local_hub(installed, hub, tiny_zoo):
     result = last_json(run_outside(installed, PROBE.format(source=INT8_REPO), HF_ENDPOINT=hub.olah.url,
                                    HF_HOME=str(hub.home)))
-    assert result["kind"] == "int8" and close(result["logits"], _logits(tiny_zoo / "int8"))
+    assert (result["kind"], result["variant"]) == ("quantized", "int8") and close(result["logits"], _logits(tiny_zoo / "int8"))
 
 
 def test_console_scripts(installed, tmp_path):
@@ -219,13 +220,15 @@ import json, torch
 model, config = torch.hub.load({checkout!r}, "variant", source="local", repo_id={repo!r})
 x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
-    print(json.dumps({{"logits": model(x).tolist(), "kind": config["kind"], "training": model.training}}))
+    print(json.dumps({{"logits": model(x).tolist(), "kind": config["kind"], "variant": config["variant"],
+                  "training": model.training}}))
 """
     expected = _logits(tiny_zoo / "int8")
     for repo in (str(tiny_zoo / "int8"), INT8_REPO):
         result = last_json(run_outside(installed, code.format(checkout=str(installed.source), repo=repo),
                                        HF_ENDPOINT=hub.olah.url, HF_HOME=str(hub.home)))
-        assert result["kind"] == "int8" and not result["training"] and close(result["logits"], expected), repo
+        assert (result["kind"], result["variant"]) == ("quantized", "int8"), repo
+        assert not result["training"] and close(result["logits"], expected), repo
 
 
 # -- the model card, verbatim ------------------------------------------------------------------------
