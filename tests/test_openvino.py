@@ -188,21 +188,24 @@ def test_models_tab_shows_deployed_figures_with_the_machine(space_app):
     from gradio_client import Client
 
     from space.deployment import HEADERS
+    from surgery.variants import parse_variant
+
+    fp32, int8, sparse90 = (parse_variant(v).title for v in ("fp32", "int8", "sparse90"))
 
     api = Client(space_app.local_url, verbose=False)
     deadline = time.monotonic() + 900
     while True:
         table, text = api.predict("resnet18-shapes", api_name="/models")
         rows = {row[0]: row for row in table["data"]}
-        if all(rows[t][-1] is not None for t in ("FP32", "INT8 (NNCF QAT)", "90% sparse")):
+        if all(rows[t][-1] is not None for t in (fp32, int8, sparse90)):
             break
         assert "Measuring" in text, text  # cells stay empty only while the background export runs
         assert time.monotonic() < deadline, "deployed figures did not appear"
         time.sleep(5)
     assert table["headers"][-len(HEADERS):] == HEADERS
-    weights, size, latency, throughput, agreement = (rows["INT8 (NNCF QAT)"][-len(HEADERS) + i] for i in range(5))
+    weights, size, latency, throughput, agreement = (rows[int8][-len(HEADERS) + i] for i in range(5))
     assert weights == "i8x21" and latency > 0 and throughput > 0 and 0 <= agreement <= 1
-    assert size < 0.3 * rows["FP32"][-4]
+    assert size < 0.3 * rows[fp32][-4]
     assert rows["90% sparse"][-4] < 0.4 * rows["FP32"][-4]  # zipped: the zeros compress
     assert rows["FP32, seed 1"][-len(HEADERS):] == [None] * len(HEADERS)
     assert deploy.machine() in text and "Measuring" not in text
