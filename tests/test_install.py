@@ -263,6 +263,6 @@ def test_editable_install_imports_from_the_checkout(installed):
     done = _run([str(installed.venv / "bin" / "pip"), "install", "-q", "-e", str(installed.source)],
                 cwd=installed.outside, env=_clean_env(installed.venv))
     assert done.returncode == 0, done.stderr[-4000:]
-    found = last_json(run_outside(installed, "import json, surgery, space.report; "
-                                             "print(json.dumps([surgery.__file__, str(space.report._TEMPLATE)]))"))
+    found = last_json(run_outside(installed, "import json, surgery, study.page; "
+                                             "print(json.dumps([surgery.__file__, str(study.page._TEMPLATE)]))"))
     assert all(path.startswith(str(installed.source)) for path in found), found
