@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, read_config, write_config
 from surgery.data import IN_MEMORY, build_dataset
+from surgery.devices import resolve_device
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, Recipe, get_family
 from surgery.variants import DEFAULT_ZOO, LADDER, VariantSpec, parse_variant, quantized_name, seed_name, sparse_name
@@ -285,7 +286,7 @@ def build_zoo(family: str, out: str | Path, variants: Iterable[str] | None = Non
     """
     spec_family, out = get_family(family), Path(out)
     s = settings or Settings()
-    ctx = ctx or distributed.Context(device=distributed.resolve_device(s.device))
+    ctx = ctx or distributed.Context(device=resolve_device(s.device))
     names = zoo_variants(variants, ladder, seeds)
     started = time.perf_counter()
     jobs: dict[int, Job] = {}
