@@ -8,7 +8,7 @@ import torch
 from surgery import activation_maximization, compression, load_variant
 from surgery.data import ShapesDataset, ShapesSpec
 
-STEPS = 64
+STEPS = 128
 
 
 @pytest.fixture(scope="module")
