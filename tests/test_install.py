@@ -204,17 +204,18 @@ def test_load_variant_by_repo_id_from_the_local_hub(installed, hub, tiny_zoo):
 
 def test_console_scripts(installed, tmp_path):
     bin_ = installed.venv / "bin"
-    helps = {script: [str(bin_ / script), "--help"]
-             for script in ("surgery-train", "surgery-hub", "surgery-report", "surgery-study", "surgery-space")}
-    refused = [str(bin_ / "surgery-hub"), "push-zoo", str(tmp_path / "none"), "--org", ORG, "--dry-run",
-               str(tmp_path / "out")]
+    tools = ("surgery-train", "surgery-hub", "surgery-report", "surgery-study")
+    commands = {script: [str(bin_ / script), "--help"] for script in (*tools, "surgery-space")}
+    commands["refused"] = [str(bin_ / "surgery-hub"), "push-zoo", str(tmp_path / "none"), "--org", ORG,
+                           "--dry-run", str(tmp_path / "out")]
     # Each one starts Python and imports torch: run side by side, not one after another.
-    with ThreadPoolExecutor(max_workers=len(helps) + 1) as pool:
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         runs = {name: pool.submit(_run, command, cwd=installed.outside, env=_clean_env(installed.venv))
-                for name, command in [*helps.items(), ("refused", refused)]}
+                for name, command in commands.items()}
         done = {name: run.result() for name, run in runs.items()}
-    for script in ("surgery-train", "surgery-hub", "surgery-report", "surgery-study"):
-        assert done[script].returncode == 0 and "usage:" in done[script].stdout, f"{script}: {done[script].stderr[-2000:]}"
+    for script in tools:
+        help_ = done[script]
+        assert help_.returncode == 0 and "usage:" in help_.stdout, f"{script}: {help_.stderr[-2000:]}"
     assert done["refused"].returncode == 2 and "no such zoo directory" in done["refused"].stderr
     space = done["surgery-space"]
     assert space.returncode != 0 and 'pip install "compressed-cnn-surgery[space]"' in space.stderr, \
