@@ -61,8 +61,9 @@ from space.examples import PHOTOS, Example, photo_path  # noqa: E402
 from space.preparing import serves_the_space  # noqa: E402
 from space.session import Session  # noqa: E402
 from space.ui import MAPS_FOLDER, Handlers, build_demo  # noqa: E402
-from space.zoo_source import SERVE_AFTER, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
+from space.zoo_source import SERVE_AFTER, FamilyZoo, LoadedVariant, SourceConfig, resolve, zoo_variants  # noqa: E402
 from surgery import compression  # noqa: E402
+from surgery.checkpoint import read_config  # noqa: E402
 from surgery.devices import faithful, resolve_device  # noqa: E402
 from surgery.images import load_image  # noqa: E402
 from surgery.registry import build_model, get_family  # noqa: E402
@@ -257,6 +258,10 @@ def fresh_machine(photo: Path, serve_after: str, build_steps: int | None, timeou
             time.sleep(2)
         seconds["every variant in the page"] = time.perf_counter() - started
         seconds["variants"] = ", ".join(row[0] for row in table["data"])
+        built = work / "zoo" / "resnet18-shapes"
+        for name in zoo_variants(built):  # each stage's own time, from the checkpoint it wrote
+            metrics = read_config(built / name)["metrics"]
+            seconds[f"training {name} (top-1 {metrics['top1']:.1%})"] = metrics["train_seconds"]
         return seconds
     finally:
         process.terminate()

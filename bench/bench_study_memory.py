@@ -58,22 +58,22 @@ def main() -> None:
     if args.child:
         child(args.zoo, args.variant, args.images[0], args.batch, args.out)
         return
-    rows = []
-    for n in args.images:
+    print(f"study collect {args.variant} (+ its FP32 reference), batches of {args.batch}; peak RSS in MiB")
+    print(f"{'images':>7} {'before stream':>14} {'peak':>8} {'study itself':>13} {'ratio to first':>15} {'seconds':>8}",
+          flush=True)
+    first = None
+    for n in args.images:  # each row as it comes: the largest size takes the better part of an hour on 2 cores
         with tempfile.TemporaryDirectory() as out:
             run = subprocess.run([sys.executable, __file__, "--child", "--zoo", args.zoo, "--variant", args.variant,
                                   "--images", str(n), "--batch", str(args.batch), "--out", out],
                                  capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"the study at {n} images failed:\n{run.stderr[-3000:]}")
-        rows.append((n, json.loads(run.stdout.strip().splitlines()[-1])))
-    print(f"study collect {args.variant} (+ its FP32 reference), batches of {args.batch}; peak RSS in MiB")
-    print(f"{'images':>7} {'before stream':>14} {'peak':>8} {'study itself':>13} {'ratio to first':>15} {'seconds':>8}")
-    first = rows[0][1]["peak_kb"] - rows[0][1]["before_kb"]
-    for n, r in rows:
+        r = json.loads(run.stdout.strip().splitlines()[-1])
         own = r["peak_kb"] - r["before_kb"]
+        first = own if first is None else first
         print(f"{n:>7} {r['before_kb'] / 1024:>14.0f} {r['peak_kb'] / 1024:>8.0f} {own / 1024:>13.0f} "
-              f"{own / max(first, 1):>15.2f} {r['seconds']:>8.0f}")
+              f"{own / max(first, 1):>15.2f} {r['seconds']:>8.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 ``python app.py`` with no arguments pulls the default Hub repos, falls back to a local zoo,
 and on a machine with neither trains the ``resnet18-shapes`` zoo (see :mod:`space.zoo_source`):
-first what the default page needs (``--serve-after``), then, while the page is served, the rest
-(the seed control; the whole ladder with ``--ladder``) in the background (:mod:`space.background`).
+first what the first page needs (``--serve-after``: FP32), then, while the page is served, the
+rest (INT8, sparse90, the seed control; the whole ladder with ``--ladder``) in the background
+(:mod:`space.background`), each variant joining the page when it is ready.
 Until the first models are ready, the address serves a page with the live progress
 (:mod:`space.preparing`), which turns into the Space when it is up. Flags override the
 ``SURGERY_*`` environment variables:

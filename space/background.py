@@ -1,9 +1,10 @@
 """Training the rest of a zoo while the Space is served, and adding each variant when it is ready.
 
-On a fresh machine the app trains first what the default page needs and serves it (see
+On a fresh machine the app trains first what the first page needs and serves it (see
 :mod:`space.zoo_source`); :class:`BackgroundBuild` then runs the same training CLI in a child
-process (``python -m training zoo ... --variants <pending>``: the same recipe and seeds as a
-foreground build; the ladder in a run of its own after the seed control) at a lower CPU priority, so visitors' requests come first. A watcher thread
+process (:class:`space.trainer.Trainer`: ``python -m training zoo ... --variants <pending>``, the
+same recipe and seeds as a foreground build; the ladder in a run of its own after the seed
+control) at a lower CPU priority, so visitors' requests come first. A watcher thread
 loads each variant as soon as its ``config.json`` appears and hands it to the shared
 :class:`~space.session.Session` with :meth:`~space.session.Session.add_variant`; the page's
 timer then adds it to the choices. The child's output goes to ``ZOO/<family>/.space-build.log``.
@@ -16,35 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
+from space.trainer import LOG_FILE, Trainer
 from space.zoo_source import load_member, zoo_argv
 from surgery.checkpoint import CONFIG_FILE, CheckpointError
 from surgery.variants import DEFAULT_ZOO, parse_variant
 
 logger = logging.getLogger(__name__)
-
-LOG_FILE = ".space-build.log"
-NICENESS = 10  # below the web server: a request never waits for a training step
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _child_setup() -> None:
-    """In the child, before it runs: lower priority, and end with the app (Linux's parent-death
-    signal), so a stopped Space leaves no trainer behind; a rerun resumes it."""
-    os.nice(NICENESS)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the app's stop() still ends it
-        pass
-
 
 def batches(variants: list[str]) -> list[list[str]]:
     """The default zoo's rest and the seed controls first, then the ladder, as separate runs:
@@ -67,7 +49,7 @@ class BackgroundBuild:
         self.poll_seconds = poll_seconds
         self.errors: list[str] = []
         self.log_path = self.directory / LOG_FILE
-        self._process: subprocess.Popen | None = None
+        self._process: Trainer | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"build-{family}", daemon=True)
 
@@ -85,10 +67,8 @@ class BackgroundBuild:
     def stop(self) -> None:
         """End the child process (the CLI resumes it on the next start) and the watcher."""
         self._stop.set()
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            process.wait(timeout=60)
+        if self._process is not None:
+            self._process.stop()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -97,17 +77,15 @@ class BackgroundBuild:
         for batch in batches(self.variants):
             if self._stop.is_set():
                 return
-            command = [sys.executable, "-m", "training", *zoo_argv(self.family, self.directory, batch, self.steps)]
-            with open(self.log_path, "ab") as log:
-                self._process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                                 preexec_fn=_child_setup)
+            self._process = Trainer(zoo_argv(self.family, self.directory, batch, self.steps), self.log_path,
+                                    background=True)
             while self._process.poll() is None and not self._stop.wait(self.poll_seconds):
                 self._collect()
             self._collect()  # the last variant may have been written just before the exit
             missing = [v for v in batch if v in self.pending]
             if missing and not self._stop.is_set():
                 error = (f"the background training of {', '.join(missing)} stopped (exit status "
-                         f"{self._process.returncode}); see {self.log_path}")
+                         f"{self._process.poll()}); see {self.log_path}")
                 logger.error("%s: %s", self.family, error)
                 self.errors.append(error)
                 zoo = self.session.zoo(self.family)  # requests now hear "no such variant"
@@ -127,15 +105,9 @@ class BackgroundBuild:
             logger.info("%s/%s trained in the background: now in the page", self.family, name)
 
     def progress(self) -> str:
-        """The child's last progress line (tqdm's bar), for the status line."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(log.seek(0, os.SEEK_END) - 4096, 0))
-                tail = log.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        parts = [p.strip() for p in tail.replace("\r", "\n").splitlines() if "|" in p and "%" in p]
-        return parts[-1] if parts else ""
+        """The child's innermost open bar (the epoch's steps), for the status line."""
+        bars = self._process.bars(last_bytes=8192) if self._process is not None else []
+        return f"{bars[-1].desc}: {bars[-1].n}/{bars[-1].total}" if bars else ""
 
     def status_text(self) -> str:
         """Lines for the page: what is still training, and why anything stopped."""

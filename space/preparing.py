@@ -2,10 +2,10 @@
 
 Pulling the models takes seconds; building the first variants of the shapes zoo on a fresh
 machine takes minutes (the rest trains in the background once the Space is up).
-Meanwhile this page shows the progress bars of whatever runs (the trainer's epochs, the data
-generation, the Features precompute: read from tqdm's live bars, so the training code needs no
-hook) and the last log lines, refreshed every second. It reloads itself into the real page as
-soon as that answers at the same address.
+Meanwhile this page shows the progress bars of whatever runs (the training child's stages and
+epochs, read from its output; the Features precompute, from tqdm's live bars in this process: the
+training code needs no hook) and the last log lines, refreshed every second. It reloads itself
+into the real page as soon as that answers at the same address.
 
 Example:
     >>> log = StartupLog.attach()
@@ -22,10 +22,11 @@ import logging
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 
 import gradio as gr
 from tqdm.std import tqdm
+
+from space.trainer import Bar, running_bars
 
 TITLE = "Compressed CNN surgery: preparing the models"
 LOG_LINES = 6
@@ -67,23 +68,13 @@ class StartupLog(logging.Handler):
         logging.getLogger().removeHandler(self)
 
 
-@dataclass(frozen=True)
-class Bar:
-    """One live progress bar: what runs, how far, for how long."""
-
-    desc: str
-    n: int
-    total: int | None
-    elapsed: float
-
-
 def live_bars() -> list[Bar]:
-    """The tqdm bars open in this process now, outermost first."""
+    """The bars open now: the foreground training child's, then this process's tqdm bars, outermost first."""
     # tqdm's own registry of open bars (it positions nested bars by it); its lock guards it.
     with tqdm.get_lock():
         bars = sorted(tqdm._instances, key=lambda b: abs(getattr(b, "pos", 0)))
-    return [Bar(str(b.desc or "working"), int(b.n), b.total, float(b.format_dict.get("elapsed", 0.0)))
-            for b in bars if not b.disable]
+    return running_bars() + [Bar(str(b.desc or "working"), int(b.n), b.total,
+                                 float(b.format_dict.get("elapsed", 0.0))) for b in bars if not b.disable]
 
 
 def status_html(log: StartupLog) -> str:

@@ -9,8 +9,8 @@ For each family the Space shows, :func:`resolve` tries, in order:
    as ``python -m training zoo --out ZOO`` writes it), with every variant directory beside it;
 3. for a family whose data is on this machine (:func:`surgery.data.offline_available`):
    building the zoo here with the training CLI into ``ZOO/<family>``: first what the default
-   page needs (:attr:`BuildOptions.serve_after`), in this process with its progress bars; the
-   rest (the seed control, the ladder if asked) is left in :attr:`FamilyZoo.pending` for
+   page needs (:attr:`BuildOptions.serve_after`), in a child process whose progress bars the
+   preparing page shows; the rest (the seed control, the ladder if asked) is left in :attr:`FamilyZoo.pending` for
    :mod:`space.background` to train while the page is served.
 
 A zoo is complete enough to serve when it has ``fp32``; compressed variants and seed controls
@@ -33,6 +33,7 @@ from pathlib import Path
 
 from torch import nn
 
+from space.trainer import LOG_FILE, Trainer
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, read_config
 from surgery.data import offline_available
 from surgery.loading import load_variant
@@ -47,11 +48,12 @@ DEFAULT_FAMILIES = ("resnet18-shapes", "resnet18-fashionmnist", "resnet18-cifar1
 DEFAULT_BUILD = ("resnet18-shapes",)
 REQUIRED = "fp32"  # what a family must have to be served: every comparison is against it
 SEED_CONTROLS = tuple(seed_name("fp32", k) for k in (1, 2))
-# Trained before the page is served on a fresh machine; the rest follows in the background.
-# On 2 idle cores (README) fp32 + int8 + sparse90 trained in 268 s (163 + 52 + 53) and a cold
-# start-up to the first answer took ~64 s more: ~5.5 minutes, too close to the 6-minute target
-# on a machine whose speed varies by a third; fp32 + int8 come to ~4.6 minutes.
-SERVE_AFTER = ("fp32", "int8")
+# Trained before the page is served on a fresh machine; the rest follows in the background and
+# joins the page when ready. FP32 alone: on a fresh 2-core machine (README) fp32 and int8 trained
+# in 200-233 s and 74-82 s (NNCF's extension compile included), so with int8 the first answer came
+# at 347 s in one run and would have come after 6 minutes in another; the machine's speed varies
+# by a quarter between runs. ``--serve-after fp32,int8`` waits for the first comparison instead.
+SERVE_AFTER = ("fp32",)
 BUILD_MARKER = ".space-build.json"  # in a zoo this app builds: what it set out to build
 SOURCES = ("auto", "hub", "local")
 
@@ -231,22 +233,23 @@ def zoo_argv(family: str, out: Path, variants: list[str], steps: int | None) -> 
 
 
 def build_here(family: str, out: Path, options: BuildOptions) -> Path:
-    """Train ``options.serve_after`` of ``family`` into ``out`` with the training CLI, in this
-    process (its progress bars show in the preparing page); an interrupted build resumes.
+    """Train ``options.serve_after`` of ``family`` into ``out`` with the training CLI, in a child
+    process (:class:`space.trainer.Trainer`, whose bars the preparing page shows), waiting for it;
+    an interrupted build resumes.
 
     The whole plan is recorded in ``out/.space-build.json``, so a restart trains what is missing.
     """
-    from training.cli import main as training_main  # the trainer is only needed on this path
-
     logger.warning("no %s models on the Hub or in a local zoo: training them now into %s "
                    "(%s first, then the page; %s in the background)", family, out,
                    ", ".join(options.serve_after), ", ".join(options.plan()[len(options.serve_after):]))
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILD_MARKER).write_text(json.dumps({"family": family, "variants": options.plan()}) + "\n")
-    status = training_main(zoo_argv(family, out, list(options.serve_after), options.steps))
+    trainer = Trainer(zoo_argv(family, out, list(options.serve_after), options.steps), out / LOG_FILE)
+    status = trainer.wait()
     if status != 0 or not is_complete(out):
+        tail = "\n".join(trainer.output(last_bytes=4096).replace("\r", "\n").splitlines()[-15:])
         raise SourceError(f"building the {family} zoo into {out} failed (exit status {status}); "
-                          "see the log above")
+                          f"the end of its log {trainer.log_path}:\n{tail}")
     return out
 
 
