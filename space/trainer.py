@@ -47,6 +47,7 @@ _TOKENS = re.compile(r"(\r|\n|\x1b\[A|\x1b\[[0-9;]*[A-Za-z])")
 # tqdm's default format with a total: "DESC:  45%|████▌     | 144/320 [01:10<01:25, 2.04it/s, ...]"
 _BAR = re.compile(r"(?P<desc>.+?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[(?P<elapsed>[\d:]+)")
 
+
 @dataclass(frozen=True)
 class Bar:
     """One live progress bar: what runs, how far, for how long."""
