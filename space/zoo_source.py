@@ -8,10 +8,10 @@ For each family the Space shows, :func:`resolve` tries, in order:
 2. a local zoo under ``--zoo`` / ``SURGERY_ZOO``: ``ZOO/<family>/fp32`` (or ``ZOO/fp32`` itself,
    as ``python -m training zoo --out ZOO`` writes it), with every variant directory beside it;
 3. for a family whose data is on this machine (:func:`surgery.data.offline_available`):
-   building the zoo here with the training CLI into ``ZOO/<family>``: first what the default
-   page needs (:attr:`BuildOptions.serve_after`), in a child process whose progress bars the
-   preparing page shows; the rest (the seed control, the ladder if asked) is left in :attr:`FamilyZoo.pending` for
-   :mod:`space.background` to train while the page is served.
+   building the zoo here with the training CLI into ``ZOO/<family>``: first what the first page
+   needs (:attr:`BuildOptions.serve_after`), in a child process whose progress bars the
+   preparing page shows; the rest (int8, sparse90, the seed control, the ladder if asked) is
+   left in :attr:`FamilyZoo.pending` for :mod:`space.background` to train while the page is served.
 
 A zoo is complete enough to serve when it has ``fp32``; compressed variants and seed controls
 are whatever it holds. Each resolved family records where it came from, and the page says so.

@@ -37,7 +37,6 @@ FOREGROUND, BACKGROUND = ("fp32",), ("int8", "sparse90", "fp32-seed1")
 EPOCH_BAR = re.compile(r"<b>fp32 \d/\d</b> <progress")
 
 
-
 def test_the_trainers_bars_are_read_back_from_its_output(tmp_path):
     """tqdm's own output to a file, nested as the CLI nests its bars, with a log line in between,
     parsed back into the bars on screen."""
