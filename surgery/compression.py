@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -25,6 +26,8 @@ import nncf.torch  # noqa: E402
 import torch
 from nncf.common.quantization.structs import QuantizationScheme
 from nncf.quantization.advanced_parameters import QuantizationParameters
+from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+from nncf.torch.function_hook.pruning.magnitude.algo import get_pruned_modules as _pruning_masks
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
 from nncf.torch.quantization import extensions as _extensions
@@ -41,8 +44,15 @@ SPARSITY_MODE = nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_GLOBAL
 FIRST_LAST_BITS = 8  # the first convolution and the classifier, whatever the variant's bit width (LSQ)
 
 
+# How activation ranges are estimated from the calibration images: NNCF's default (the mean over
+# batches of each batch's min and max) or its histogram estimator (the range minimising the
+# quantization error of the pooled histogram, which clips rare outliers).
+ACTIVATION_RANGES = {"mean_minmax": None, "histogram": RangeEstimatorParametersSet.HISTOGRAM}
+
+
 def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int,
-             weight_bits: int = 8, activation_bits: int = 8) -> nn.Module:
+             weight_bits: int = 8, activation_bits: int = 8, activation_ranges: str = "mean_minmax",
+             keep_depthwise: bool = False) -> nn.Module:
     """Post-training quantization: weights per-channel symmetric at ``weight_bits``, activations at
     ``activation_bits``; the first convolution and the classifier (weights and input) at 8 bits.
 
@@ -56,7 +66,9 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     nowhere and 2 only for depthwise convolutions) with :func:`set_bit_widths`. Low-bit practice
     (LSQ, Esser et al. 2020; PACT, Choi et al. 2018) keeps the first and last layers at 8 bits;
     a weight quantizer whose calibrated range was set for another width gets its per-channel scale
-    re-fitted (least squared error) for the new one.
+    re-fitted (least squared error) for the new one. ``activation_ranges`` is a key of
+    :data:`ACTIVATION_RANGES`. ``keep_depthwise`` keeps depthwise convolutions (weights and
+    inputs) at 8 bits too (variant suffix ``-dw8``).
 
     Example:
         >>> int4 = quantize(fp32, batches, 512, weight_bits=4, activation_bits=4)
@@ -66,14 +78,18 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     for bits in (weight_bits, activation_bits):
         if not 2 <= bits <= 8:
             raise ValueError(f"bit widths must be between 2 and 8, got {bits}")
+    if activation_ranges not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_ranges must be one of {sorted(ACTIVATION_RANGES)}, got {activation_ranges!r}")
+    estimator = ACTIVATION_RANGES[activation_ranges]
+    ranges = {} if estimator is None else {"activations_range_estimator_params": estimator}
     batches = list(_take_images(batches, num_samples))
     logger.info("calibrating W%dA%d quantizers on %d images in %d batches", weight_bits, activation_bits,
                 sum(len(b) for b in batches), len(batches))
     model.eval()
     quantizer_backend(next(model.parameters()).device)
     if weight_bits == activation_bits == 8:
-        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
-    four_bit = QuantizationParameters(num_bits=4)
+        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                             advanced_parameters=nncf.AdvancedQuantizationParameters(**ranges))
     quantized = nncf.quantize(
         model, nncf.Dataset(batches), subset_size=len(batches), target_device=nncf.TargetDevice.NPU,
         # NPU's tables would quantize the pooled features at the pooling's input; keep them at its output.
@@ -81,9 +97,13 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
         advanced_parameters=nncf.AdvancedQuantizationParameters(
             weights_quantization_params=QuantizationParameters(
                 num_bits=4, mode=QuantizationScheme.SYMMETRIC, per_channel=True),
-            activations_quantization_params=four_bit))
+            # Activations calibrate at 8 bits, per tensor (their min/max range does not depend on the
+            # width) and get theirs below: NPU's tables allow only 8- and 16-bit depthwise inputs.
+            activations_quantization_params=QuantizationParameters(per_channel=False), **ranges))
     roles = quantizer_roles(quantized, batches[0][:1])
-    widths = {name: FIRST_LAST_BITS if role.edge else (weight_bits if role.kind == "weight" else activation_bits)
+    eight = set(depthwise_layers(model)) if keep_depthwise else set()
+    widths = {name: FIRST_LAST_BITS if role.edge or role.layer in eight
+              else (weight_bits if role.kind == "weight" else activation_bits)
               for name, role in roles.items()}
     set_bit_widths(quantized, widths)
     _refit_weight_scales(quantized, roles, calibrated_bits=4)
@@ -195,6 +215,20 @@ def settle_bit_widths(model: nn.Module) -> dict[str, int]:
     return bit_widths(model)
 
 
+@torch.no_grad()
+def weight_grids(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per quantized layer (by name): ``(low, high, levels)`` of its weight quantizer, one ``low``
+    and ``high`` per output channel: the grid its weights are rounded onto (for reconstructing
+    weights that the quantizer then reproduces exactly)."""
+    named = named_quantizers(model)
+    grids = {}
+    for name, role in quantizer_roles(model, example).items():
+        if role.kind == "weight":
+            low, high = named[name].get_input_low_input_high()
+            grids[role.layer] = (low.detach().flatten(), high.detach().flatten(), int(named[name].levels))
+    return grids
+
+
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable ranges of every quantizer (symmetric scales; asymmetric low and range), for an
     optimiser group of their own (NNCF 3.4 has no ``compression_lr_multiplier`` any more)."""
@@ -270,18 +304,52 @@ def quantizer_backend(device: torch.device | str) -> str:
     return _BACKENDS[kind]
 
 
-def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, target: float,
-                             ramp_updates: int) -> ExponentialMagnitudePruningScheduler:
-    """Attach global magnitude masks (in place) at ratio 0 and return their ramp scheduler.
+def depthwise_layers(model: nn.Module) -> list[str]:
+    """The names of the model's depthwise convolutions (one filter per input channel)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
+
+
+def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, target: float, ramp_updates: int,
+                             per_layer: bool = False, dense: Iterable[str] = ()) -> ExponentialMagnitudePruningScheduler:
+    """Attach magnitude masks (in place) at ratio 0 and return their ramp scheduler.
 
     Each ``scheduler.step()`` raises the sparsity along NNCF's exponential schedule, reaching
     ``target`` after ``ramp_updates`` steps; between steps the masked weights get exactly zero
     gradient, so fine-tuning heals the network around the pruned weights gradually.
+
+    Global masks (NNCF's ``UNSTRUCTURED_MAGNITUDE_GLOBAL``) rank every weight by its magnitude
+    relative to its tensor's norm, so layers end up at very different sparsities (on MobileNetV2,
+    depthwise and projection layers are emptied); ``per_layer`` gives each layer the same sparsity
+    (``UNSTRUCTURED_MAGNITUDE_LOCAL``). The conv and linear layers named in ``dense`` get no mask;
+    the others are then pruned further, so that ``target`` holds over all conv and linear weights.
     """
-    nncf.prune(model, mode=SPARSITY_MODE, ratio=0.0, examples_inputs=example_input)
-    scheduler = ExponentialMagnitudePruningScheduler(
-        model, mode=SPARSITY_MODE, initial_ratio=0.0, target_ratio=target, target_epoch=max(ramp_updates, 1))
-    return scheduler
+    mode = nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL if per_layer else SPARSITY_MODE
+    dense = sorted(set(dense))
+    sizes = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = [name for name in dense if name not in sizes]
+    if unknown:
+        raise ValueError(f"no conv or linear layers named {', '.join(unknown)}")
+    ratio = target * sum(sizes.values()) / (sum(sizes.values()) - sum(sizes[name] for name in dense))
+    if ratio >= 1:
+        raise ValueError(f"{target:.0%} sparsity cannot be reached with {len(dense)} layers left dense")
+    # NNCF names a module's op by its path with "/" for "."; a layer's weight is an input of that op.
+    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(name.replace('.', '/'))}/" for name in dense]) if dense else None
+    nncf.prune(model, mode=mode, ratio=0.0, ignored_scope=ignored, examples_inputs=example_input)
+    return ExponentialMagnitudePruningScheduler(
+        model, mode=mode, initial_ratio=0.0, target_ratio=ratio, target_epoch=max(ramp_updates, 1))
+
+
+def set_sparsity_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Give the masks of a model pruned with :func:`start_magnitude_sparsity` these patterns (True:
+    kept), by layer name; e.g. the masks a layer-wise reconstruction chose. Masks are not
+    recomputed afterwards unless the ramp scheduler steps again."""
+    hooks = {name.removesuffix(".weight"): hook for name, hook in _pruning_masks(model).items()}
+    unknown = sorted(set(masks) - set(hooks))
+    if unknown:
+        raise ValueError(f"no sparsity masks on {', '.join(unknown)}")
+    for name, mask in masks.items():
+        hooks[name].binary_mask.copy_(mask.to(hooks[name].binary_mask))
 
 
 def bake_sparsity(model: nn.Module) -> nn.Module:

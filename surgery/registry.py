@@ -50,6 +50,9 @@ class Recipe:
     autocast: str | None = None  # "bfloat16": mixed-precision forward, weights and optimiser stay FP32
     label_smoothing: float = 0.0  # cross-entropy target smoothing (Szegedy et al. 2016)
     quantizer_lr_scale: float = 1.0  # quantizer ranges learn at lr x this (their own group; 0 freezes them)
+    distill_temperature: float | None = None  # fit the FP32 model's outputs (KL at this temperature), not labels
+    freeze_batchnorm: bool = False  # BatchNorm keeps its running statistics while the rest trains
+    image_size: int | None = None  # train on the batches resized to this side (evaluation stays at the input size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +79,11 @@ class CompressionRecipe:
     calibration_samples: int = 512
     sparsity: float = 0.9  # the default target of ``python -m training sparse``
     sparsity_ramp: float = 0.5  # masks grow from 0 to the target over this fraction of fine-tuning
+    activation_ranges: str = "mean_minmax"  # how calibration sets activation ranges (surgery.compression.ACTIVATION_RANGES)
+    per_layer_sparsity: bool = False  # every layer at the target sparsity, not one global magnitude threshold
+    # Images on which BatchNorm statistics are matched to FP32's after calibrating and after each growth of
+    # the sparsity masks (training.batchnorm); 0 leaves them as they are.
+    batchnorm_correction: int = 0
 
     def for_variant(self, spec: VariantSpec) -> Recipe:
         """The fine-tuning recipe of a compressed variant (``ValueError`` for FP32)."""

@@ -7,13 +7,19 @@ A *variant name* is the directory name in a zoo and the suffix of its Hub repo
 ``fp32``           the FP32 model (seed 0)
 ``int8`` ...       quantized: weights and activations at *b* bits (``int8``, ``int4``, ``int3``, ``int2``)
 ``w4a8``           quantized: weights at 4 bits, activations at 8 (any ``w<b>a<b>``)
-``sparse90`` ...   global magnitude sparsity: that percentage of conv and linear weights are zero
+``sparse90`` ...   magnitude sparsity: that percentage of conv and linear weights are zero
+``w4a8-dw8`` ...   quantized, with the depthwise convolutions (weights and inputs) kept at 8 bits
+``sparse90-dwdense``  sparse, with the depthwise convolutions left dense (the rest sparser, so
+                   that the percentage still holds over all conv and linear weights)
 ``<any>-seed<k>``  the same, trained (or derived from the FP32 model trained) with seed *k*:
                    ``fp32-seed1`` is the seed control of ``fp32``
 =================  ==========================================================================
 
 The first convolution and the classifier of a quantized variant stay at 8 bits whatever *b*
-(as in LSQ, Esser et al. 2020); its checkpoint records the bit width of every quantizer.
+(as in LSQ, Esser et al. 2020); its checkpoint records the bit width of every quantizer. The
+depthwise suffixes name the one layer kind a network may keep at higher precision or density
+(a depthwise 3x3 kernel has 9 weights a channel: MobileNets lose most there, Nagel et al. 2019);
+the plain variant is the same rung with every layer compressed.
 
 Example:
     >>> spec = parse_variant("w4a8")
@@ -37,7 +43,10 @@ LADDER = ("int8", "w4a8", "int4", "int3", "int2", "sparse50", "sparse75", "spars
 DEFAULT_COLUMNS = ("fp32", "int8", "int4", "sparse90")
 
 _PATTERN = re.compile(r"^(?:(?P<fp32>fp32)|int(?P<bits>\d)|w(?P<wbits>\d)a(?P<abits>\d)|sparse(?P<percent>\d{1,2}))"
-                      r"(?:-seed(?P<seed>\d+))?$")
+                      r"(?:-(?P<depthwise>dw8|dwdense))?(?:-seed(?P<seed>\d+))?$")
+# The depthwise suffix each kind takes: quantized variants keep depthwise convolutions at 8 bits,
+# sparse ones keep them dense.
+DEPTHWISE_SUFFIX = {"quantized": "dw8", "sparse": "dwdense"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class VariantSpec:
     weight_bits: int | None = None
     activation_bits: int | None = None
     sparsity: float | None = None  # the target fraction of zero weights
+    keep_depthwise: bool = False  # depthwise convolutions at 8 bits (quantized) or dense (sparse)
 
     @property
     def base(self) -> str:
@@ -71,6 +81,8 @@ class VariantSpec:
                     if self.weight_bits == self.activation_bits else f"W{self.weight_bits}A{self.activation_bits}")
         else:
             text = f"{self.sparsity * 100:g}% sparse"
+        if self.keep_depthwise:
+            text += ", depthwise 8-bit" if self.kind == "quantized" else ", depthwise dense"
         return f"{text}, seed {self.seed}" if self.seed else text
 
     @property
@@ -79,7 +91,7 @@ class VariantSpec:
         rank = KINDS.index(self.kind)
         level = ((-(self.weight_bits or 0), -(self.activation_bits or 0)) if self.kind == "quantized"
                  else (self.sparsity or 0.0, 0))
-        return (self.seed, rank, *level)
+        return (self.seed, rank, *level, self.keep_depthwise)
 
 
 def parse_variant(name: str) -> VariantSpec:
@@ -87,21 +99,30 @@ def parse_variant(name: str) -> VariantSpec:
     match = _PATTERN.match(str(name))
     if match is None:
         raise ValueError(f"not a variant name: {name!r}; expected fp32, int<b>, w<b>a<b> (b in {MIN_BITS}..{MAX_BITS}) "
-                         "or sparse<percent>, optionally followed by -seed<k>")
+                         "or sparse<percent>, optionally followed by -dw8 (quantized) or -dwdense (sparse), "
+                         "then -seed<k>")
     seed = int(match["seed"] or 0)
-    if match["fp32"]:
+    kind = "fp32" if match["fp32"] else ("sparse" if match["percent"] else "quantized")
+    keep = match["depthwise"] is not None
+    if keep and match["depthwise"] != DEPTHWISE_SUFFIX.get(kind):
+        raise ValueError(f"{name!r}: -{match['depthwise']} does not apply to a {kind} variant"
+                         + (f"; use -{DEPTHWISE_SUFFIX[kind]}" if kind in DEPTHWISE_SUFFIX else ""))
+    if kind == "fp32":
         return VariantSpec(name, "fp32", seed)
-    if match["percent"]:
+    if kind == "sparse":
         percent = int(match["percent"])
         if not 0 < percent < 100:
             raise ValueError(f"{name!r}: sparsity must be between 1 and 99 percent")
-        return VariantSpec(name, "sparse", seed, sparsity=percent / 100)
+        return VariantSpec(name, "sparse", seed, sparsity=percent / 100, keep_depthwise=keep)
     weight_bits = int(match["bits"] or match["wbits"])
     activation_bits = int(match["bits"] or match["abits"])
     for bits in (weight_bits, activation_bits):
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"{name!r}: bit widths must be between {MIN_BITS} and {MAX_BITS}, got {bits}")
-    return VariantSpec(name, "quantized", seed, weight_bits=weight_bits, activation_bits=activation_bits)
+    if keep and weight_bits == activation_bits == MAX_BITS:
+        raise ValueError(f"{name!r}: every layer is at 8 bits already; -dw8 needs fewer bits")
+    return VariantSpec(name, "quantized", seed, weight_bits=weight_bits, activation_bits=activation_bits,
+                       keep_depthwise=keep)
 
 
 def quantized_name(weight_bits: int, activation_bits: int | None = None, seed: int = 0) -> str:

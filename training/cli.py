@@ -155,9 +155,9 @@ def _override(recipe: Recipe, s: Settings) -> Recipe:
 
 
 def _reference(job: Job, model: torch.nn.Module) -> torch.Tensor:
-    """FP32's held-out predictions, for the agreement of the variants derived from it."""
+    """FP32's held-out logits, for the comparisons of the variants derived from it."""
     logits, _ = predict(model, job.eval_set, job.ctx.device, workers=job.workers)
-    return logits.argmax(1)
+    return logits
 
 
 def _family_of(checkpoint: Path) -> ModelFamily:
@@ -171,9 +171,11 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
     recipe = _override(c.for_variant(spec), s)
     if spec.kind == "quantized":
         _, metrics = derive_quantized(job, fp32, recipe, spec, calibration_samples or c.calibration_samples,
-                                      out, reference)
+                                      out, reference, activation_ranges=c.activation_ranges,
+                                      batchnorm_correction=c.batchnorm_correction)
     else:
-        _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference)
+        _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
+                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction)
     return metrics
 
 
@@ -290,7 +292,7 @@ def build_zoo(family: str, out: str | Path, variants: Iterable[str] | None = Non
     names = zoo_variants(variants, ladder, seeds)
     started = time.perf_counter()
     jobs: dict[int, Job] = {}
-    sources: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # seed -> FP32 model, its predictions
+    sources: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # seed -> FP32 model, its held-out logits
     results: dict[str, dict] = {}
 
     def job_for(seed: int) -> Job:
@@ -314,9 +316,9 @@ def build_zoo(family: str, out: str | Path, variants: Iterable[str] | None = Non
             results[name] = read_config(directory).get("metrics", {})
         else:
             if spec.kind == "fp32":
-                model, results[name], predictions = train_fp32(job_for(spec.seed), _override(spec_family.fp32, s),
-                                                               directory, variant=name)
-                sources[spec.seed] = (model, predictions)
+                model, results[name], logits = train_fp32(job_for(spec.seed), _override(spec_family.fp32, s),
+                                                          directory, variant=name)
+                sources[spec.seed] = (model, logits)
             else:
                 fp32, reference = source(spec.seed)
                 results[name] = derive(job_for(spec.seed), spec, fp32, reference, directory, s)

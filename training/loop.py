@@ -10,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from surgery import compression
 from surgery.registry import Recipe
+from surgery.similarity.agreement import topk_overlap
 from training import distributed, resume
+from training.distillation import distillation_loss, freeze_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +91,14 @@ def train_loader(dataset: Dataset, recipe: Recipe, ctx: distributed.Context, see
 
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Context, *,
         seed: int, state_dir: Path | None, desc: str, workers: int = 0, channels_last: bool = True,
-        on_step: Callable[[int, int], None] | None = None) -> nn.Module:
+        on_step: Callable[[int, int], None] | None = None, teacher: nn.Module | None = None) -> nn.Module:
     """Train ``model`` in place for ``recipe.epochs`` epochs and return it (unwrapped).
+
+    With ``recipe.distill_temperature`` the loss is :func:`training.distillation.distillation_loss`
+    against ``teacher``'s outputs on the same batch (labels unused: unlabelled data will do);
+    otherwise cross-entropy on the labels. ``recipe.freeze_batchnorm`` keeps BatchNorm's running
+    statistics as they are; ``recipe.image_size`` trains on the batches resized to that side
+    (cheaper steps; FixRes, Touvron et al. 2019, trains below the test resolution on purpose).
 
     ``on_step(step, steps_per_epoch)`` runs before every optimiser step (the sparsity ramp uses
     it). ``state_dir`` holds the resume state: a rerun continues after the last finished epoch.
@@ -97,8 +106,15 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
     precision (see :func:`autocast_dtype`). ``channels_last`` trains in that memory
     format (~20% faster convolutions on CPU); the model is returned in the standard format.
     """
+    if (recipe.distill_temperature is None) != (teacher is None):
+        raise ValueError(f"{desc}: a distillation recipe needs a teacher and a teacher needs a distillation "
+                         f"recipe (temperature {recipe.distill_temperature}, teacher {type(teacher).__name__})")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=memory_format).train()
+    if recipe.freeze_batchnorm:
+        freeze_batchnorm(model)
+    if teacher is not None:
+        teacher.to(ctx.device, memory_format=memory_format).eval()
     loader = train_loader(dataset, recipe, ctx, seed, workers)
     steps_per_epoch = min(len(loader), recipe.steps_per_epoch or len(loader))
     if steps_per_epoch == 0:
@@ -125,9 +141,17 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
             lr = learning_rate(recipe, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            images = images.to(ctx.device).contiguous(memory_format=memory_format)
+            images = images.to(ctx.device)
+            if recipe.image_size and images.shape[-1] != recipe.image_size:
+                images = F.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
+            images = images.contiguous(memory_format=memory_format)
             with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = loss_fn(trained(images), labels.to(ctx.device))
+                if teacher is None:
+                    loss = loss_fn(trained(images), labels.to(ctx.device))
+                else:
+                    with torch.no_grad():
+                        target = teacher(images)
+                    loss = distillation_loss(trained(images), target, recipe.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -136,6 +160,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, ctx: distributed.Con
         if state_dir and ctx.is_main:
             resume.save(state_dir, model, optimizer, epoch + 1, key)
         ctx.barrier()
+    if teacher is not None:
+        teacher.to(memory_format=torch.contiguous_format)
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -153,17 +179,28 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str] | tuple[str, ...],
-                     reference_predictions: torch.Tensor | None = None) -> dict:
-    """Top-1 (and top-5), per-class accuracy and, given FP32's predictions, agreement with them."""
+                     reference_logits: torch.Tensor | None = None) -> dict:
+    """Top-1 (and top-5) and per-class accuracy and, given FP32's logits on the same images, agreement
+    with FP32's predictions and the share of FP32's top-5 classes in the variant's top-5.
+
+    Unlabelled images (label :data:`surgery.data.photos.UNLABELLED`, e.g. the held-out photo crops)
+    have no accuracy: their metrics are the comparisons with FP32 alone, never a "top-1".
+    """
     predictions = logits.argmax(1)
-    correct = predictions == labels
-    per_class = {name: float(correct[labels == c].float().mean()) for c, name in enumerate(class_names)
-                 if bool((labels == c).any())}
-    metrics = {"top1": float(correct.float().mean()), "per_class_top1": per_class,
-               "eval_samples": len(labels)}
-    if logits.shape[1] > 5:
-        top5 = logits.topk(5, dim=1).indices
-        metrics["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
-    if reference_predictions is not None:
-        metrics["agreement_with_fp32"] = float((predictions == reference_predictions).float().mean())
+    labelled = labels >= 0
+    metrics: dict = {"eval_samples": len(labels)}
+    if bool(labelled.all()):
+        correct = predictions == labels
+        metrics["top1"] = float(correct.float().mean())
+        metrics["per_class_top1"] = {name: float(correct[labels == c].float().mean())
+                                     for c, name in enumerate(class_names) if bool((labels == c).any())}
+        if logits.shape[1] > 5:
+            top5 = logits.topk(5, dim=1).indices
+            metrics["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
+    elif bool(labelled.any()):
+        raise ValueError(f"{int(labelled.sum())} of {len(labels)} images are labelled: a set is labelled or not")
+    if reference_logits is not None:
+        metrics["agreement_with_fp32"] = float((predictions == reference_logits.argmax(1)).float().mean())
+        if logits.shape[1] > 5:
+            metrics["top5_overlap_with_fp32"] = float(topk_overlap(logits, reference_logits, 5).mean())
     return metrics

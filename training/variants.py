@@ -24,6 +24,7 @@ from surgery.checkpoint import VariantInfo, save_variant
 from surgery.registry import ModelFamily, Recipe, build_model
 from surgery.variants import VariantSpec
 from training import distributed
+from training.batchnorm import match_batchnorm_statistics
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def _state_dir(out: Path) -> Path:
 
 def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, recipe: Recipe,
             comp: dict, reference: torch.Tensor | None, started: float) -> tuple[dict, torch.Tensor]:
-    """Evaluate, save (rank 0) and return the metrics and the held-out predictions."""
+    """Evaluate, save (rank 0) and return the metrics and the held-out logits (``reference`` is
+    FP32's held-out logits, for the comparisons with FP32)."""
     logits, labels = predict(model, job.eval_set, job.ctx.device, workers=job.workers)
     metrics = accuracy_metrics(logits, labels, job.family.class_names, reference)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -66,9 +68,10 @@ def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, reci
         save_variant(model, out, info)
         shutil.rmtree(_state_dir(out), ignore_errors=True)
     job.ctx.barrier()
-    logger.info("%s/%s: top-1 %.4f%s", job.family.name, variant, metrics["top1"],
-                f", agreement {metrics['agreement_with_fp32']:.4f}" if reference is not None else "")
-    return metrics, logits.argmax(1)
+    logger.info("%s/%s: %s", job.family.name, variant, ", ".join(
+        f"{key} {metrics[key]:.4f}" for key in ("top1", "agreement_with_fp32", "top5_overlap_with_fp32")
+        if key in metrics))
+    return metrics, logits
 
 
 def initial_fp32(family: ModelFamily) -> tuple[nn.Module, str]:
@@ -92,9 +95,9 @@ def train_fp32(job: Job, recipe: Recipe, out: Path, variant: str = "fp32") -> tu
                          "pass --epochs")
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                 desc=variant, workers=job.workers)
-    metrics, predictions = _finish(model, job, out, variant, "fp32", recipe, {"method": None, "init": init},
-                                   None, started)
-    return model, metrics, predictions
+    metrics, logits = _finish(model, job, out, variant, "fp32", recipe, {"method": None, "init": init},
+                              None, started)
+    return model, metrics, logits
 
 
 def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
@@ -104,29 +107,44 @@ def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
 
 
 def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, calibration_samples: int,
-                     out: Path, reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
+                     out: Path, reference: torch.Tensor | None, *, activation_ranges: str = "mean_minmax",
+                     batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
     """Post-training quantization with NNCF at the variant's bit widths (first convolution and
-    classifier at 8 bits), then quantization-aware fine-tuning with the ranges trained too."""
+    classifier at 8 bits; depthwise convolutions too for ``-dw8``), then quantization-aware
+    fine-tuning with the ranges trained too: on the labels, or distilled from ``fp32`` when the
+    recipe says so (:mod:`training.distillation`). With ``batchnorm_correction`` images, the
+    calibrated model's BatchNorm statistics are first matched to FP32's (:mod:`training.batchnorm`)."""
     if spec.kind != "quantized":
         raise ValueError(f"{spec.name} is not a quantized variant")
     started = time.perf_counter()
     seed_everything(job.seed)
     quantized = compression.quantize(copy.deepcopy(fp32).to(job.ctx.device),
                                      _image_batches(job.train_set, job.seed), calibration_samples,
-                                     weight_bits=spec.weight_bits, activation_bits=spec.activation_bits)
+                                     weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
+                                     activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise)
+    if batchnorm_correction:
+        match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                    desc=f"{spec.name}-qat", workers=job.workers)
+                    desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
     comp = {"method": "nncf.quantize + quantization-aware training", "weight_bits": spec.weight_bits,
             "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
-            "calibration_samples": calibration_samples, "qat_steps": _steps(recipe, job)}
+            "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
+            "batchnorm_correction_samples": batchnorm_correction,
+            "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
+            "qat_steps": _steps(recipe, job),
+            **_distillation_record(recipe)}
     metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
     return quantized, metrics
 
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
-                  out: Path, reference: torch.Tensor | None) -> tuple[nn.Module, dict]:
-    """Global magnitude pruning ramped from 0 to the variant's sparsity over the first ``ramp``
-    fraction of fine-tuning (the rest trains around the final masks); masks then baked into the weights."""
+                  out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
+                  batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
+    """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
+    ``-dwdense``) ramped from 0 to the variant's sparsity over the first ``ramp`` fraction of
+    fine-tuning (the rest trains around the final masks); masks then baked into the weights. With
+    ``batchnorm_correction`` images, BatchNorm statistics are matched to FP32's after every growth
+    of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
         raise ValueError(f"{spec.name} is not a sparse variant")
     if not 0 < ramp < 1:
@@ -136,8 +154,11 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     seed_everything(job.seed)
     model = copy.deepcopy(fp32).to(job.ctx.device)
     example = next(iter(_image_batches(job.train_set, job.seed, batch_size=2))).to(job.ctx.device)
-    scheduler = compression.start_magnitude_sparsity(model, example, sparsity, RAMP_UPDATES)
+    dense = compression.depthwise_layers(model) if spec.keep_depthwise else []
+    scheduler = compression.start_magnitude_sparsity(model, example, sparsity, RAMP_UPDATES, per_layer=per_layer,
+                                                     dense=dense)
     current = [-1]
+    images = _correction_images(job, batchnorm_correction) if batchnorm_correction else None
 
     def grow_masks(step: int, steps_per_epoch: int) -> None:
         ramp_steps = max(round(ramp * recipe.epochs * steps_per_epoch), 1)
@@ -145,21 +166,47 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         if k != current[0]:
             scheduler.step(k)
             current[0] = k
+            if images is not None:
+                match_batchnorm_statistics(model, fp32, images)
 
     # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow_masks)
+                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow_masks,
+                teacher=_teacher(fp32, recipe))
     if current[0] < RAMP_UPDATES:  # fine-tuning too short for the ramp (smoke runs): prune to the target anyway
         logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
                        spec.name, _steps(recipe, job), sparsity * 100)
         scheduler.step(RAMP_UPDATES)
+        if images is not None:
+            match_batchnorm_statistics(model, fp32, images)
     compression.bake_sparsity(model)
-    comp = {"method": "nncf.prune (unstructured magnitude, global) + fine-tuning",
-            "mode": str(compression.SPARSITY_MODE), "target_sparsity": sparsity,
+    scope = "per layer" if per_layer else "global"
+    comp = {"method": f"nncf.prune (unstructured magnitude, {scope}) + fine-tuning",
+            "mode": str(scheduler.mode), "target_sparsity": sparsity, "dense_layers": dense,
             "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning",
-            "finetune_steps": _steps(recipe, job)}
+            "finetune_steps": _steps(recipe, job), "batchnorm_correction_samples": batchnorm_correction,
+            **_distillation_record(recipe)}
     metrics, _ = _finish(model, job, out, spec.name, "sparse", recipe, comp, reference, started)
     return model, metrics
+
+
+def _correction_images(job: Job, n: int) -> torch.Tensor:
+    """``n`` training images, drawn apart from the calibration ones, for matching BatchNorm statistics."""
+    loader = DataLoader(job.train_set, batch_size=n, shuffle=True, generator=torch.Generator().manual_seed(job.seed + 1))
+    return next(iter(loader))[0].to(job.ctx.device)
+
+
+def _teacher(fp32: nn.Module, recipe: Recipe) -> nn.Module | None:
+    """The FP32 model the variant is fitted to when its recipe distils (labels are not used then)."""
+    return fp32 if recipe.distill_temperature is not None else None
+
+
+def _distillation_record(recipe: Recipe) -> dict:
+    if recipe.distill_temperature is None:
+        return {}
+    return {"distillation": {"teacher": "fp32", "loss": "KL divergence of softened outputs (Hinton et al. 2015)",
+                             "temperature": recipe.distill_temperature,
+                             "batchnorm": "running statistics frozen" if recipe.freeze_batchnorm else "trained"}}
 
 
 def _steps(recipe: Recipe, job: Job) -> int:
