@@ -310,6 +310,13 @@ def depthwise_layers(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
 
 
+def _masks_on(model: nn.Module, example_input: torch.Tensor, mode: nncf.PruneMode, dense: list[str]) -> None:
+    """NNCF masks at ratio 0 on every conv and linear layer but the ``dense`` ones."""
+    # NNCF names a module's op by its path with "/" for "."; a layer's weight is an input of that op.
+    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(name.replace('.', '/'))}/" for name in dense]) if dense else None
+    nncf.prune(model, mode=mode, ratio=0.0, ignored_scope=ignored, examples_inputs=example_input)
+
+
 def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, target: float, ramp_updates: int,
                              per_layer: bool = False, dense: Iterable[str] = ()) -> ExponentialMagnitudePruningScheduler:
     """Attach magnitude masks (in place) at ratio 0 and return their ramp scheduler.
@@ -333,21 +340,22 @@ def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, targ
     ratio = target * sum(sizes.values()) / (sum(sizes.values()) - sum(sizes[name] for name in dense))
     if ratio >= 1:
         raise ValueError(f"{target:.0%} sparsity cannot be reached with {len(dense)} layers left dense")
-    # NNCF names a module's op by its path with "/" for "."; a layer's weight is an input of that op.
-    ignored = nncf.IgnoredScope(patterns=[f"^{re.escape(name.replace('.', '/'))}/" for name in dense]) if dense else None
-    nncf.prune(model, mode=mode, ratio=0.0, ignored_scope=ignored, examples_inputs=example_input)
+    _masks_on(model, example_input, mode, dense)
     return ExponentialMagnitudePruningScheduler(
         model, mode=mode, initial_ratio=0.0, target_ratio=ratio, target_epoch=max(ramp_updates, 1))
 
 
-def set_sparsity_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Give the masks of a model pruned with :func:`start_magnitude_sparsity` these patterns (True:
-    kept), by layer name; e.g. the masks a layer-wise reconstruction chose. Masks are not
-    recomputed afterwards unless the ramp scheduler steps again."""
-    hooks = {name.removesuffix(".weight"): hook for name, hook in _pruning_masks(model).items()}
-    unknown = sorted(set(masks) - set(hooks))
+def fixed_sparsity(model: nn.Module, example_input: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> None:
+    """Attach NNCF masks (in place) with these patterns (True: kept), by layer name, e.g. the ones a
+    layer-wise reconstruction chose; layers without a mask stay dense. Fine-tuning then trains the
+    kept weights only (masked ones get exactly zero gradient), until :func:`bake_sparsity`."""
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    unknown = sorted(set(masks) - set(layers))
     if unknown:
-        raise ValueError(f"no sparsity masks on {', '.join(unknown)}")
+        raise ValueError(f"no conv or linear layers named {', '.join(unknown)}")
+    _masks_on(model, example_input, nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL,
+              [name for name in layers if name not in masks])
+    hooks = {name.removesuffix(".weight"): hook for name, hook in _pruning_masks(model).items()}
     for name, mask in masks.items():
         hooks[name].binary_mask.copy_(mask.to(hooks[name].binary_mask))
 

@@ -172,10 +172,12 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
     if spec.kind == "quantized":
         _, metrics = derive_quantized(job, fp32, recipe, spec, calibration_samples or c.calibration_samples,
                                       out, reference, activation_ranges=c.activation_ranges,
-                                      batchnorm_correction=c.batchnorm_correction)
+                                      batchnorm_correction=c.batchnorm_correction,
+                                      reconstruction_samples=c.reconstruction_samples)
     else:
         _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
-                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction)
+                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction,
+                                   reconstruction_samples=c.reconstruction_samples)
     return metrics
 
 

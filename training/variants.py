@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from surgery.registry import ModelFamily, Recipe, build_model
 from surgery.variants import VariantSpec
 from training import distributed
 from training.batchnorm import match_batchnorm_statistics
+from training.reconstruction import Grid, layer_ratios, prune_layerwise, round_layerwise
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -108,12 +110,14 @@ def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
 
 def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, calibration_samples: int,
                      out: Path, reference: torch.Tensor | None, *, activation_ranges: str = "mean_minmax",
-                     batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
+                     batchnorm_correction: int = 0, reconstruction_samples: int = 0) -> tuple[nn.Module, dict]:
     """Post-training quantization with NNCF at the variant's bit widths (first convolution and
     classifier at 8 bits; depthwise convolutions too for ``-dw8``), then quantization-aware
     fine-tuning with the ranges trained too: on the labels, or distilled from ``fp32`` when the
-    recipe says so (:mod:`training.distillation`). With ``batchnorm_correction`` images, the
-    calibrated model's BatchNorm statistics are first matched to FP32's (:mod:`training.batchnorm`)."""
+    recipe says so (:mod:`training.distillation`). Before fine-tuning, with ``reconstruction_samples``
+    images the weights are rounded onto their quantizers' grids by GPTQ (:mod:`training.reconstruction`),
+    and with ``batchnorm_correction`` images the BatchNorm statistics are matched to FP32's
+    (:mod:`training.batchnorm`)."""
     if spec.kind != "quantized":
         raise ValueError(f"{spec.name} is not a quantized variant")
     started = time.perf_counter()
@@ -122,78 +126,124 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      _image_batches(job.train_set, job.seed), calibration_samples,
                                      weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
                                      activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise)
+    if reconstruction_samples:
+        images = _correction_images(job, reconstruction_samples, salt=2)
+        grids = {layer: Grid(*grid) for layer, grid in compression.weight_grids(quantized, images[:1]).items()}
+        round_layerwise(quantized, images, grids)
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                     desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
-    comp = {"method": "nncf.quantize + quantization-aware training", "weight_bits": spec.weight_bits,
+    steps = _steps(recipe, job)
+    method = " + ".join(["nncf.quantize"] + (["GPTQ rounding"] if reconstruction_samples else [])
+                        + (["BatchNorm statistics matched to FP32"] if batchnorm_correction else [])
+                        + ([("distillation from FP32" if recipe.distill_temperature else "quantization-aware training")]
+                           if steps else []))
+    comp = {"method": method, "weight_bits": spec.weight_bits,
             "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
             "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
             "batchnorm_correction_samples": batchnorm_correction,
+            "reconstruction": _reconstruction_record("GPTQ (Frantar et al. 2023)", reconstruction_samples),
             "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
-            "qat_steps": _steps(recipe, job),
-            **_distillation_record(recipe)}
+            "qat_steps": steps, **_distillation_record(recipe)}
     metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
     return quantized, metrics
 
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
                   out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
-                  batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
+                  batchnorm_correction: int = 0, reconstruction_samples: int = 0) -> tuple[nn.Module, dict]:
     """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
     ``-dwdense``) ramped from 0 to the variant's sparsity over the first ``ramp`` fraction of
     fine-tuning (the rest trains around the final masks); masks then baked into the weights. With
-    ``batchnorm_correction`` images, BatchNorm statistics are matched to FP32's after every growth
-    of the masks (:mod:`training.batchnorm`)."""
+    ``reconstruction_samples`` images, the masks and the kept weights are instead chosen at once,
+    layer by layer, by SparseGPT (:mod:`training.reconstruction`, every layer at the same sparsity)
+    and fine-tuning trains around them. With ``batchnorm_correction`` images, BatchNorm statistics
+    are matched to FP32's after every change of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
         raise ValueError(f"{spec.name} is not a sparse variant")
     if not 0 < ramp < 1:
         raise ValueError(f"the sparsity ramp must be a fraction of fine-tuning in (0, 1), got {ramp}")
-    sparsity = spec.sparsity
     started = time.perf_counter()
     seed_everything(job.seed)
     model = copy.deepcopy(fp32).to(job.ctx.device)
     example = next(iter(_image_batches(job.train_set, job.seed, batch_size=2))).to(job.ctx.device)
     dense = compression.depthwise_layers(model) if spec.keep_depthwise else []
-    scheduler = compression.start_magnitude_sparsity(model, example, sparsity, RAMP_UPDATES, per_layer=per_layer,
-                                                     dense=dense)
-    current = [-1]
     images = _correction_images(job, batchnorm_correction) if batchnorm_correction else None
 
-    def grow_masks(step: int, steps_per_epoch: int) -> None:
-        ramp_steps = max(round(ramp * recipe.epochs * steps_per_epoch), 1)
-        k = min(step * RAMP_UPDATES // ramp_steps + 1, RAMP_UPDATES)
-        if k != current[0]:
-            scheduler.step(k)
-            current[0] = k
-            if images is not None:
-                match_batchnorm_statistics(model, fp32, images)
-
-    # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
-    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow_masks,
-                teacher=_teacher(fp32, recipe))
-    if current[0] < RAMP_UPDATES:  # fine-tuning too short for the ramp (smoke runs): prune to the target anyway
-        logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
-                       spec.name, _steps(recipe, job), sparsity * 100)
-        scheduler.step(RAMP_UPDATES)
+    def correct() -> None:
         if images is not None:
             match_batchnorm_statistics(model, fp32, images)
+
+    if reconstruction_samples:
+        masks = prune_layerwise(model, _correction_images(job, reconstruction_samples, salt=2),
+                                layer_ratios(model, spec.sparsity, dense))
+        compression.fixed_sparsity(model, example, masks)
+        correct()
+        grow = None
+        selection = {"method": "SparseGPT layer-wise reconstruction (every layer alike) + fine-tuning with fixed masks",
+                     "reconstruction": _reconstruction_record("SparseGPT (Frantar & Alistarh 2023)",
+                                                              reconstruction_samples)}
+    else:
+        scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
+                                                         per_layer=per_layer, dense=dense)
+        grow = _MaskRamp(scheduler, ramp * recipe.epochs, correct)
+        selection = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) "
+                               "+ fine-tuning", "mode": str(scheduler.mode),
+                     "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} "
+                                 "of fine-tuning"}
+    # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
+    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow,
+                teacher=_teacher(fp32, recipe))
+    if grow is not None and grow.finish():
+        logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
+                       spec.name, _steps(recipe, job), spec.sparsity * 100)
     compression.bake_sparsity(model)
-    scope = "per layer" if per_layer else "global"
-    comp = {"method": f"nncf.prune (unstructured magnitude, {scope}) + fine-tuning",
-            "mode": str(scheduler.mode), "target_sparsity": sparsity, "dense_layers": dense,
-            "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning",
+    comp = {**selection, "target_sparsity": spec.sparsity, "dense_layers": dense,
             "finetune_steps": _steps(recipe, job), "batchnorm_correction_samples": batchnorm_correction,
             **_distillation_record(recipe)}
     metrics, _ = _finish(model, job, out, spec.name, "sparse", recipe, comp, reference, started)
     return model, metrics
 
 
-def _correction_images(job: Job, n: int) -> torch.Tensor:
-    """``n`` training images, drawn apart from the calibration ones, for matching BatchNorm statistics."""
-    loader = DataLoader(job.train_set, batch_size=n, shuffle=True, generator=torch.Generator().manual_seed(job.seed + 1))
+@dataclass
+class _MaskRamp:
+    """Grows the masks along the scheduler over the first ``epochs`` of fine-tuning (``on_step`` of
+    :func:`training.loop.fit`), calling ``changed`` after each growth."""
+
+    scheduler: object
+    epochs: float
+    changed: Callable[[], None]
+    current: int = -1
+
+    def __call__(self, step: int, steps_per_epoch: int) -> None:
+        ramp_steps = max(round(self.epochs * steps_per_epoch), 1)
+        self.grow(min(step * RAMP_UPDATES // ramp_steps + 1, RAMP_UPDATES))
+
+    def grow(self, k: int) -> None:
+        if k != self.current:
+            self.scheduler.step(k)
+            self.current = k
+            self.changed()
+
+    def finish(self) -> bool:
+        """Prune to the target if fine-tuning ended before the ramp did (smoke runs); True if so."""
+        short = self.current < RAMP_UPDATES
+        self.grow(RAMP_UPDATES)
+        return short
+
+
+def _correction_images(job: Job, n: int, salt: int = 1) -> torch.Tensor:
+    """``n`` training images, drawn apart from the calibration ones (another ``salt``, another draw),
+    for matching BatchNorm statistics or reconstructing layers."""
+    loader = DataLoader(job.train_set, batch_size=n, shuffle=True,
+                        generator=torch.Generator().manual_seed(job.seed + salt))
     return next(iter(loader))[0].to(job.ctx.device)
+
+
+def _reconstruction_record(method: str, samples: int) -> dict | None:
+    return {"method": method, "samples": samples} if samples else None
 
 
 def _teacher(fp32: nn.Module, recipe: Recipe) -> nn.Module | None:
