@@ -55,7 +55,7 @@ ACTIVATION_RANGES = {"mean_minmax": None, "histogram": RangeEstimatorParametersS
 
 def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int,
              weight_bits: int = 8, activation_bits: int = 8, activation_ranges: str = "mean_minmax",
-             keep_depthwise: bool = False) -> nn.Module:
+             keep_depthwise: bool = False, bias_correction: bool = True) -> nn.Module:
     """Post-training quantization: weights per-channel symmetric at ``weight_bits``, activations at
     ``activation_bits``; the first convolution and the classifier (weights and input) at 8 bits.
 
@@ -71,7 +71,8 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     a weight quantizer whose calibrated range was set for another width gets its per-channel scale
     re-fitted (least squared error) for the new one. ``activation_ranges`` is a key of
     :data:`ACTIVATION_RANGES`. ``keep_depthwise`` keeps depthwise convolutions (weights and
-    inputs) at 8 bits too (variant suffix ``-dw8``).
+    inputs) at 8 bits too (variant suffix ``-dw8``). ``bias_correction`` runs NNCF's fast bias
+    correction after calibrating (off: faster, e.g. where BatchNorm statistics are matched instead).
 
     Example:
         >>> int4 = quantize(fp32, batches, 512, weight_bits=4, activation_bits=4)
@@ -85,6 +86,7 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
         raise ValueError(f"activation_ranges must be one of {sorted(ACTIVATION_RANGES)}, got {activation_ranges!r}")
     estimator = ACTIVATION_RANGES[activation_ranges]
     ranges = {} if estimator is None else {"activations_range_estimator_params": estimator}
+    ranges["disable_bias_correction"] = not bias_correction
     batches = list(_take_images(batches, num_samples))
     logger.info("calibrating W%dA%d quantizers on %d images in %d batches", weight_bits, activation_bits,
                 sum(len(b) for b in batches), len(batches))

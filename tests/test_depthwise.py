@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from surgery import compression
+from surgery.architectures import MOBILENET_V2
 from surgery.variants import parse_variant, sort_variants
 
 SIZE = 32
 
 
+def _mobilenet() -> nn.Module:
+    """A small MobileNetV2 built from its architecture description (which names its 8-bit edges)."""
+    return MOBILENET_V2.build(MOBILENET_V2.config(10, SIZE, [0.5] * 3, [0.25] * 3, width_mult=0.25))
+
+
 @pytest.fixture(scope="module")
 def mobilenet() -> nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    return _mobilenet().eval()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def test_depthwise_inputs_stay_at_8_bits_with_dw8(mobilenet, batches):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_per_layer_sparsity_prunes_every_layer_alike(mobilenet, dense):
-    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
+    model = _mobilenet()
     model.load_state_dict(mobilenet.state_dict())
     depthwise = compression.depthwise_layers(model)
     scheduler = compression.start_magnitude_sparsity(model, torch.rand(2, 3, SIZE, SIZE), 0.9, 2, per_layer=True,

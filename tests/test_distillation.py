@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from surgery import compression
+from surgery.architectures import MOBILENET_V2
 from surgery.data.photos import HeldOutCrops, PhotoCrops
 from surgery.registry import Recipe
 from training import distributed
@@ -21,12 +21,17 @@ from training.loop import fit, predict, seed_everything
 SIZE = 32
 
 
+def _mobilenet() -> nn.Module:
+    """A small MobileNetV2 built from its architecture description (which names its 8-bit edges)."""
+    return MOBILENET_V2.build(MOBILENET_V2.config(10, SIZE, [0.5] * 3, [0.25] * 3, width_mult=0.25))
+
+
 def _teacher() -> nn.Module:
     """A small MobileNetV2 (depthwise convolutions, BatchNorm) whose outputs depend on the image:
     its BatchNorm statistics are estimated on photo crops, and its classifier is scaled so that it
     is confident, as a trained network is."""
     seed_everything(0)
-    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
+    model = _mobilenet()
     crops = PhotoCrops(SIZE, 64)
     model.train()
     with torch.no_grad():
@@ -47,7 +52,7 @@ def test_distillation_loss_is_the_softened_kl_scaled_by_t_squared():
 
 
 def test_a_distillation_recipe_needs_a_teacher():
-    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
+    model = _mobilenet()
     ctx = distributed.Context(device=torch.device("cpu"))
     with pytest.raises(ValueError, match="teacher"):
         fit(model, PhotoCrops(SIZE, 8), Recipe(epochs=1, lr=1e-3, batch_size=4, distill_temperature=2.0), ctx,

@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", type=Path, help="FP32 checkpoint to measure agreement against")
     _common(p)
 
-    p = sub.add_parser("zoo", help="variants of a family, OUT/<variant> each (default: "
+    p = sub.add_parser("zoo", help="variants of a family, OUT/<variant> each (default: the family's zoo, e.g. "
                                    f"{','.join(DEFAULT_ZOO)}); built ones are skipped, interrupted ones resume")
     p.add_argument("--family", required=True, choices=families)
     p.add_argument("--out", required=True, type=Path)
@@ -173,7 +173,8 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
         _, metrics = derive_quantized(job, fp32, recipe, spec, calibration_samples or c.calibration_samples,
                                       out, reference, activation_ranges=c.activation_ranges,
                                       batchnorm_correction=c.batchnorm_correction,
-                                      reconstruction_samples=c.reconstruction_samples)
+                                      reconstruction_samples=c.reconstruction_samples,
+                                      bias_correction=c.bias_correction)
     else:
         _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
                                    per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction,
@@ -291,7 +292,7 @@ def build_zoo(family: str, out: str | Path, variants: Iterable[str] | None = Non
     spec_family, out = get_family(family), Path(out)
     s = settings or Settings()
     ctx = ctx or distributed.Context(device=resolve_device(s.device))
-    names = zoo_variants(variants, ladder, seeds)
+    names = zoo_variants(variants or spec_family.zoo, ladder, seeds)
     seeded = [n for n in names if parse_variant(n).seed]
     if seeded and not spec_family.has_fp32_seeds:
         others = ", ".join(f"fp32-recipe{k} (torchvision's {w}, another recipe)"

@@ -128,7 +128,8 @@ def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
 
 def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, calibration_samples: int,
                      out: Path, reference: torch.Tensor | None, *, activation_ranges: str = "mean_minmax",
-                     batchnorm_correction: int = 0, reconstruction_samples: int = 0) -> tuple[nn.Module, dict]:
+                     batchnorm_correction: int = 0, reconstruction_samples: int = 0,
+                     bias_correction: bool = True) -> tuple[nn.Module, dict]:
     """Post-training quantization with NNCF at the variant's bit widths (first convolution and
     classifier at 8 bits; depthwise convolutions too for ``-dw8``), then quantization-aware
     fine-tuning with the ranges trained too: on the labels, or distilled from ``fp32`` when the
@@ -143,27 +144,30 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
     quantized = compression.quantize(copy.deepcopy(fp32).to(job.ctx.device),
                                      _image_batches(job.train_set, job.seed), calibration_samples,
                                      weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
-                                     activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise)
+                                     activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise,
+                                     bias_correction=bias_correction)
     if reconstruction_samples:
         images = _correction_images(job, reconstruction_samples, salt=2)
         grids = {layer: Grid(*grid) for layer, grid in compression.weight_grids(quantized, images[:1]).items()}
         round_layerwise(quantized, images, grids)
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
-    quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                    desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
     steps = _steps(recipe, job)
-    method = " + ".join(["nncf.quantize"] + (["GPTQ rounding"] if reconstruction_samples else [])
+    if steps:  # a recipe of 0 epochs: calibration (and corrections) alone
+        quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                        desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
+    method = " + ".join(["nncf.quantize" + ("" if bias_correction else " (no bias correction)")]
+                        + (["GPTQ rounding"] if reconstruction_samples else [])
                         + (["BatchNorm statistics matched to FP32"] if batchnorm_correction else [])
                         + ([("distillation from FP32" if recipe.distill_temperature else "quantization-aware training")]
                            if steps else []))
     comp = {"method": method, "weight_bits": spec.weight_bits,
             "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
             "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
-            "batchnorm_correction_samples": batchnorm_correction,
+            "bias_correction": bias_correction, "batchnorm_correction_samples": batchnorm_correction,
             "reconstruction": _reconstruction_record("GPTQ (Frantar et al. 2023)", reconstruction_samples),
             "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
-            "qat_steps": steps, **_distillation_record(recipe)}
+            "qat_steps": steps, **(_distillation_record(recipe) if steps else {})}
     metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
     return quantized, metrics
 

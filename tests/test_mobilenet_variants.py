@@ -1,0 +1,123 @@
+"""MobileNetV2 variants derived from photo crops, end to end on a small scale: a tiny MobileNetV2 of
+the ImageNet family's kind goes through the zoo's own derivations (calibration, BatchNorm statistics
+matched to FP32, per-layer pruning with distillation), is saved and read back; the files hold what
+the names promise (4-bit weights with at most 16 levels per channel, depthwise included, edges at
+8 bits; sparse weights stored as zeros, depthwise ones dense with ``-dwdense``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from surgery import compression
+from surgery.checkpoint import load_local
+from surgery.data.photos import HeldOutCrops, PhotoCrops
+from surgery.registry import Recipe, build_model, get_family
+from surgery.variants import DEPTHWISE_SUFFIX, parse_variant
+from training import distributed
+from training.cli import zoo_variants
+from training.loop import seed_everything
+from training.variants import Job, derive_quantized, derive_sparse
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def job() -> Job:
+    family = dataclasses.replace(get_family("mobilenetv2-imagenet"), input_size=SIZE,
+                                 arch_options={"width_mult": 0.25, "last_stage_stride": 2})
+    return Job(family, PhotoCrops(SIZE, 256), HeldOutCrops(SIZE, per_photo=8),
+               distributed.Context(device=torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def fp32(job: Job) -> nn.Module:
+    """Random weights, BatchNorm statistics estimated on photo crops, a confident classifier: outputs
+    that depend on the image, as a trained network's do."""
+    seed_everything(0)
+    model = build_model(job.family)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # running statistics = the statistics of the one batch below
+    with torch.no_grad():
+        model(torch.stack([job.train_set[i][0] for i in range(64)]))
+        model.classifier[1].weight.mul_(30)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def reference(job: Job, fp32: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        logits = fp32(job.eval_set.images.float() / 255)
+    assert len(set(logits.argmax(1).tolist())) > 1, "the FP32 model's answers depend on the image"
+    return logits
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(next(directory.glob("*.safetensors")))
+
+
+def test_the_imagenet_zoo_builds_the_ladder_and_the_plain_variant_beside_each_exception():
+    family = get_family("mobilenetv2-imagenet")
+    names = zoo_variants(family.zoo)
+    assert {"fp32", "int8", "w4a8", "int4", "sparse50", "sparse75", "sparse90"} <= set(names)
+    for name in names:
+        spec = parse_variant(name)
+        if spec.keep_depthwise:
+            assert name.removesuffix(f"-{DEPTHWISE_SUFFIX[spec.kind]}") in names, name
+    assert family.compression.for_variant(parse_variant("sparse50")).distill_temperature
+
+
+def test_a_w4a8_variant_is_calibrated_matched_to_fp32_saved_and_read_back_at_its_bit_widths(
+        job, fp32, reference, tmp_path):
+    recipe = Recipe(epochs=0, lr=1e-5, batch_size=16, optimizer="adamw", distill_temperature=2.0)
+    model, metrics = derive_quantized(job, fp32, recipe, parse_variant("w4a8"), 32, tmp_path, reference,
+                                      batchnorm_correction=32)
+    assert 0 <= metrics["agreement_with_fp32"] <= 1 and "top5_overlap_with_fp32" in metrics
+    variant = load_local(tmp_path)
+    compression_record = variant.config["compression"]
+    assert "BatchNorm statistics matched to FP32" in compression_record["method"]
+    assert compression_record["qat_steps"] == 0 and "distillation" not in compression_record
+    loaded = variant.model
+    x = job.eval_set.images[:4].float() / 255
+    roles = compression.quantizer_roles(loaded, x[:1])
+    named = compression.named_quantizers(loaded)
+    layers = dict(loaded.named_modules())
+    depthwise = set(compression.depthwise_layers(loaded))
+    arch = loaded.architecture
+    seen = set()
+    for name, role in roles.items():
+        if role.kind != "weight":
+            continue
+        bits = 8 if role.layer in (arch.first_conv, arch.classifier) else 4
+        with torch.no_grad():
+            levels = max(len(torch.unique(w)) for w in named[name](layers[role.layer].weight).flatten(1))
+        assert int(named[name].num_bits) == bits and levels <= 2 ** bits, (role.layer, named[name].num_bits, levels)
+        seen.add(role.layer)
+    assert depthwise and depthwise <= seen and {arch.first_conv, arch.classifier} <= seen
+    with torch.no_grad(), compression.forward_lock(model), compression.forward_lock(loaded):
+        assert torch.allclose(model.eval()(x), loaded.eval()(x), atol=1e-5), "the file reloads the same network"
+
+
+def test_a_sparse_dwdense_variant_stores_its_zeros_and_keeps_depthwise_layers_dense(job, fp32, reference, tmp_path):
+    recipe = Recipe(epochs=1, lr=1e-4, batch_size=16, optimizer="adamw", weight_decay=0.0, steps_per_epoch=4,
+                    distill_temperature=2.0, freeze_batchnorm=True, image_size=24)
+    _, metrics = derive_sparse(job, fp32, recipe, parse_variant("sparse50-dwdense"), 0.5, tmp_path, reference,
+                               per_layer=True, batchnorm_correction=32)
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    stored = _weights(tmp_path)
+    depthwise = compression.depthwise_layers(fp32)
+    convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    zeros = {n: (stored[f"{n}.weight"] == 0).float().mean().item() for n in convs}
+    assert all(zeros[n] == 0 for n in depthwise), "depthwise layers left dense"
+    pruned = [zeros[n] for n in convs if n not in depthwise]
+    assert min(pruned) > 0.49 and max(pruned) - min(pruned) < 0.02, "every other layer alike, none spared"
+    total = sum(zeros[n] * convs[n].weight.numel() for n in convs) / sum(m.weight.numel() for m in convs.values())
+    assert total == pytest.approx(0.5, abs=0.01)
+    config = load_local(tmp_path).config["compression"]
+    assert config["dense_layers"] == depthwise and config["distillation"]["temperature"] == 2.0
