@@ -32,11 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the real resnet18-shapes zoo -------------------------------------------------------------
 
+# Floors on the trained zoo, set from the zoo as each kind of CPU trains it (FP32 under bfloat16
+# autocast where the CPU has it, in FP32 elsewhere), with margin: held-out top-1 of FP32 0.932
+# (bfloat16, Xeon with AMX), 0.926 (the same CPU limited to AVX2), 0.942 (AMD EPYC, AVX2; README);
+# on 500 fresh images 0.924 and 0.940; INT8's agreement with FP32 0.982 (bfloat16), 0.987 (EPYC).
+FP32_TOP1_FLOOR, FRESH_TOP1_FLOOR, INT8_AGREEMENT_FLOOR = 0.90, 0.88, 0.95
+
+
 def test_zoo_meets_accuracy_targets(shapes_zoo):
-    top1 = {v: read_config(shapes_zoo / v)["metrics"]["top1"] for v in ("fp32", "int8", "sparse90")}
-    assert top1["fp32"] >= 0.92  # 94.2% measured with this recipe (README)
-    assert top1["int8"] >= top1["fp32"] - 0.01
-    assert top1["sparse90"] >= top1["fp32"] - 0.03
+    metrics = {v: read_config(shapes_zoo / v)["metrics"] for v in ("fp32", "int8", "sparse90")}
+    top1 = {v: m["top1"] for v, m in metrics.items()}
+    assert top1["fp32"] >= FP32_TOP1_FLOOR, top1  # 1,000 held-out images
+    assert top1["int8"] >= top1["fp32"] - 0.01, top1
+    assert top1["sparse90"] >= top1["fp32"] - 0.03, top1
+    assert metrics["int8"]["agreement_with_fp32"] >= INT8_AGREEMENT_FLOOR
 
 
 def test_seed_control_differs_only_in_its_seed(tiny_zoo):
@@ -70,12 +79,12 @@ def test_stored_metrics_are_reproduced_by_evaluate(shapes_zoo, tmp_path):
 
 
 def test_trained_model_really_classifies(shapes_zoo):
-    """Fresh images (another seed than training and evaluation) are classified."""
+    """500 fresh images (another seed than training and evaluation) are classified."""
     model, config = load_variant(shapes_zoo / "fp32")
-    fresh = ShapesDataset(ShapesSpec("val", 200, seed=7))
+    fresh = ShapesDataset(ShapesSpec("val", 500, seed=7))
     with torch.no_grad():
-        predictions = model(fresh.images.float() / 255).argmax(1)
-    assert (predictions == fresh.labels).float().mean() >= 0.9
+        predictions = torch.cat([model(x.float() / 255).argmax(1) for x in fresh.images.split(250)])
+    assert (predictions == fresh.labels).float().mean() >= FRESH_TOP1_FLOOR
 
 
 def test_ladder_meets_accuracy_targets(shapes_zoo):
