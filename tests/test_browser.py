@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from chromium import ARTIFACTS, CHROMIUM, launch
+from ci import chromium_missing, playwright_missing, require
+from chromium import ARTIFACTS, launch
 from surgery.variants import parse_variant
 
 DEFAULT = ("fp32", "int8", "sparse90")  # the tiny zoo's default columns (it has no int4)
@@ -22,15 +23,13 @@ CHOSEN = (*DEFAULT, "fp32-seed1")  # the visitor adds the seed control: four col
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
-                                                              "(apt-get install chromium)")
-
-
 @pytest.fixture(scope="module")
 def page(space_app):
+    require(playwright_missing() or chromium_missing())  # CI installs both: there this fails, never skips
+    from playwright.sync_api import sync_playwright
+
     requests: list[str] = []
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = launch(p)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         page = context.new_page()
@@ -86,8 +85,12 @@ def test_a_bad_upload_shows_a_message_not_a_traceback(page, tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1), (255, 0, 0)).save(buffer, "PNG")
     dot.write_bytes(buffer.getvalue())
+    before = page.locator("#explain-image img").get_attribute("src")
     page.set_input_files("#explain-image input[type=file]", str(dot))
-    page.wait_for_timeout(500)
+    # The click must not race the upload: wait until the page shows the new image.
+    page.wait_for_function("before => { const img = document.querySelector('#explain-image img');"
+                           " return img && img.complete && img.getAttribute('src') !== before; }",
+                           arg=before, timeout=30_000)
     page.click("#explain-button")
     message = page.get_by_text("1x1 pixels")
     message.first.wait_for(timeout=60_000)

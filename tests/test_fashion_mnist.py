@@ -20,20 +20,23 @@ from surgery.images import decode_image, model_view
 from surgery.registry import build_from_architecture, build_model, get_family
 from training.cli import main as training_main
 
+from ci import fashion_mnist_missing, require
+
 FAMILY = get_family("resnet18-fashionmnist")
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-needs_debian = pytest.mark.skipif(not offline_available(FAMILY),
-                                  reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)")
+# The missing-dataset message is promised within a second (bench/bench_failures.py measures
+# it); on a loaded machine the test only checks a bound that reading the data would break.
+LOADED_BOUND_S = 5.0
 
 
 @pytest.fixture(scope="module")
 def test_set() -> FashionMNISTFiles:
+    require(fashion_mnist_missing())  # CI installs it: there this fails, never skips
     return FashionMNISTFiles(train=False)
 
 
-@needs_debian
 def test_loader_reads_the_debian_files_in_place(test_set):
     train = build_dataset(FAMILY, "train")
     assert (len(train), len(test_set)) == (60_000, 10_000)
@@ -59,7 +62,7 @@ def test_offline_available_follows_the_contract(monkeypatch, tmp_path):
     assert offline_available(FAMILY) is False
 
 
-def test_missing_dataset_is_one_clear_message_within_a_second(tmp_path, caplog):
+def test_missing_dataset_is_one_clear_message_at_once(tmp_path, caplog):
     started = time.perf_counter()
     code = training_main(["fp32", "--family", FAMILY.name, "--out", str(tmp_path / "o"),
                           "--data-root", str(tmp_path / "nothing-here")])
@@ -68,7 +71,7 @@ def test_missing_dataset_is_one_clear_message_within_a_second(tmp_path, caplog):
     assert "apt-get install dataset-fashion-mnist" in caplog.text
     assert "--data-root" in caplog.text and "--download" in caplog.text
     assert "Traceback" not in caplog.text
-    assert elapsed < 1.0, f"the missing-dataset message took {elapsed:.2f} s"
+    assert elapsed < LOADED_BOUND_S, f"the missing-dataset message took {elapsed:.2f} s"
 
 
 def _copy_with_test_labels(root: Path, labels: bytes) -> Path:
@@ -81,9 +84,8 @@ def _copy_with_test_labels(root: Path, labels: bytes) -> Path:
     return root
 
 
-@needs_debian
 @pytest.mark.parametrize("damage", ["flipped compressed bytes", "valid gzip, one label changed"])
-def test_a_corrupted_file_is_refused_by_name(tmp_path, damage):
+def test_a_corrupted_file_is_refused_by_name(test_set, tmp_path, damage):
     original = (DEBIAN_ROOT / "t10k-labels-idx1-ubyte.gz").read_bytes()
     if damage == "flipped compressed bytes":
         data = bytearray(original)
@@ -126,8 +128,7 @@ def test_architecture_keeps_layer1_small_and_gradcam_maps_4x4():
     assert cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, torch.nn.Identity)
 
 
-@needs_debian
-def test_short_real_data_training_learns(tmp_path):
+def test_short_real_data_training_learns(test_set, tmp_path):
     """80 steps on 2,560 real training images, then all classes of 1,000 held-out ones."""
     out = tmp_path / "fp32"
     assert training_main(["fp32", "--family", FAMILY.name, "--out", str(out), "--train-samples", "2560",
@@ -139,26 +140,14 @@ def test_short_real_data_training_learns(tmp_path):
     assert set(metrics["per_class_top1"]) == set(FASHION_MNIST_CLASSES)
     model, config = load_variant(out)
     assert config["architecture"]["stem"]["stride"] == 2
-    test = FashionMNISTFiles(train=False)
-    images = torch.stack([test[i][0] for i in range(200)])
+    images = torch.stack([test_set[i][0] for i in range(200)])
     with torch.no_grad():
-        accuracy = (model(images).argmax(1) == test.targets[:200]).float().mean()
+        accuracy = (model(images).argmax(1) == test_set.targets[:200]).float().mean()
     assert accuracy >= 0.6  # the saved model, reloaded, still classifies
     shutil.rmtree(out)
 
 
 # --- the Space with this family beside shapes --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_fashion_zoo(tmp_path_factory) -> Path:
-    """fp32, int8, sparse90 of this family after 2 steps a stage: real formats, untrained."""
-    if not offline_available(FAMILY):
-        pytest.skip("needs `apt-get install dataset-fashion-mnist` (CI installs it)")
-    out = tmp_path_factory.mktemp("tiny-fashion") / FAMILY.name
-    assert training_main(["zoo", "--family", FAMILY.name, "--out", str(out), "--train-samples", "256",
-                          "--eval-samples", "64", "--max-steps", "2"]) == 0
-    return out
-
 
 def test_model_card_names_the_dataset_licence_anchor_and_per_class_accuracy(tiny_fashion_zoo):
     from hub_export.card import model_card
