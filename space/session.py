@@ -13,7 +13,8 @@ answer comes back to the CPU for drawing.
 
 Any set of variants: each request names the variants it wants side by side (at most
 :data:`MAX_COLUMNS`); comparisons are always against ``fp32``. Variants trained in the
-background join a running session with :meth:`Session.add_variant`.
+background join a running session with :meth:`Session.add_variant`; so do whole families built in
+the background (held apart in :attr:`Session.coming` until their FP32 model arrives).
 
 Example:
     >>> session = Session(resolve(SourceConfig(source="local")), cache_dir=Path(".cache"))
@@ -39,10 +40,11 @@ from torch import nn
 from space.examples import reference_images
 from space.zoo_source import REQUIRED, FamilyZoo, LoadedVariant
 from surgery import attribution, compression
+from surgery.architectures import Architecture, architecture_of
 from surgery.devices import DeviceSpec, describe, move, resolve_device
 from surgery.actmax import activation_maximization
-from surgery.registry import get_family
-from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, residual_blocks, topk_iou
+from surgery.registry import ModelFamily, get_family
+from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, topk_iou
 from surgery.variants import DEFAULT_COLUMNS, parse_variant, sort_variants
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def default_columns(names: list[str]) -> list[str]:
     """
     chosen = [v for v in DEFAULT_COLUMNS if v in names]
     if len(chosen) < 2:
-        chosen += [v for v in sort_variants(names) if v not in chosen and not parse_variant(v).is_seed_control]
+        chosen += [v for v in sort_variants(names) if v not in chosen and not parse_variant(v).is_control]
     return sort_variants(chosen[:MAX_COLUMNS])
 
 
@@ -113,7 +115,9 @@ class Session:
     """Loaded families, one lock per model, and caches of the slow results."""
 
     def __init__(self, families: dict[str, FamilyZoo], cache_dir: Path, device: DeviceSpec = "cpu") -> None:
-        self.families = families
+        self._order = list(families)
+        self.families = {f: zoo for f, zoo in families.items() if REQUIRED in zoo.variants}  # served
+        self.coming = {f: zoo for f, zoo in families.items() if REQUIRED not in zoo.variants}  # built meanwhile
         self.cache_dir = Path(cache_dir)
         self.device = resolve_device(device)
         self._locks = {(f, v): threading.Lock() for f, zoo in families.items() for v in zoo.variants}
@@ -129,25 +133,48 @@ class Session:
         self._sparsity: dict[tuple[str, str], float] = {}
 
     def add_variant(self, family: str, variant: LoadedVariant) -> None:
-        """Make a newly trained variant available to every request from now on (thread-safe).
+        """Make a newly trained variant available to every request from now on (thread-safe); a
+        family built in the background is served from its FP32 model on.
 
-        Requests iterate over a snapshot of a family's variants: the dict is replaced, never
-        changed in place, so a request running now keeps the set it started with.
+        Requests iterate over a snapshot of a family's variants (and of the families): the dicts
+        are replaced, never changed in place, so a request running now keeps the set it started with.
         """
         move(variant.model, self.device).eval().requires_grad_(False)
         with self._added:
-            zoo = self.zoo(family)
+            zoo = self._tracked(family)
             self._locks[family, variant.name] = threading.Lock()
             merged = {**zoo.variants, variant.name: variant}
             zoo.variants = {name: merged[name] for name in sort_variants(merged)}
             zoo.pending = tuple(v for v in zoo.pending if v != variant.name)
+            if family in self.coming and REQUIRED in zoo.variants:
+                self.coming = {f: z for f, z in self.coming.items() if f != family}
+                served = {**self.families, family: zoo}
+                self.families = {f: served[f] for f in self._order if f in served}
             self.version += 1
 
+    def _tracked(self, family: str) -> FamilyZoo:
+        """A served family, or one still being built."""
+        return self.families.get(family) or self.coming[family]
+
+    def pending(self, family: str) -> tuple[str, ...]:
+        """The family's variants still training in the background (all of it for a coming family)."""
+        return self._tracked(family).pending
+
+    def give_up(self, family: str, names: list[str]) -> None:
+        """Variants whose background training stopped: requests now hear that the family lacks them."""
+        with self._added:
+            zoo = self._tracked(family)
+            zoo.pending = tuple(v for v in zoo.pending if v not in names)
+
     def zoo(self, family: str) -> FamilyZoo:
+        """A served family (``ValueError`` for any other, saying when a coming one joins)."""
+        families = self.families
+        if family not in families and family in self.coming:
+            raise ValueError(f"{family} is still being trained here; it joins the page when its FP32 model is ready")
         try:
-            return self.families[family]
+            return families[family]
         except KeyError:
-            raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(self.families)}") from None
+            raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(families)}") from None
 
     def variant_names(self, family: str) -> list[str]:
         """The family's loaded variants, in display order."""
@@ -156,8 +183,9 @@ class Session:
     def default_columns(self, family: str) -> list[str]:
         return default_columns(self.variant_names(family))
 
-    def seed_controls(self, family: str) -> list[str]:
-        return [v for v in self.variant_names(family) if parse_variant(v).is_seed_control]
+    def controls(self, family: str) -> list[str]:
+        """The other FP32 training runs: seed controls, or another recipe's run (pretrained families)."""
+        return [v for v in self.variant_names(family) if parse_variant(v).is_control]
 
     def check_variants(self, family: str, variants: list[str] | tuple[str, ...] | None) -> list[str]:
         """The chosen variants in display order, or a ``ValueError`` saying what is wrong."""
@@ -199,12 +227,11 @@ class Session:
         if method not in SALIENCY_METHODS:
             raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
-        layer = get_family(family).gradcam_layer
         x = image[None].to(self.device)
         answers = {}
         for name in sort_variants({REQUIRED, *chosen}):
             with self.model(family, name) as model:
-                out = attribution.explain(model, x, layer=layer)
+                out = attribution.explain(model, x)  # GradCAM at the model's own layer (its architecture)
                 saliency = (out.saliency if method == "gradient"
                             else attribution.saliency(model, x, target=out.target, method=method))
             answers[name] = VariantExplanation(out.probabilities[0].cpu(), out.gradcam[0].cpu(), saliency[0].cpu())
@@ -215,9 +242,16 @@ class Session:
     # -- Features ---------------------------------------------------------------------------------
 
     def layers(self, family: str) -> list[str]:
-        """The stages whose channels the Features tab offers (``layer1`` ... ``layer4``)."""
-        model = self.zoo(family).variants[REQUIRED].model
-        return [name for name, _ in model.named_children() if name.startswith("layer")]
+        """The stages whose channels the Features tab offers, from the architecture description
+        (``layer1`` ... ``layer4``; MobileNetV2: the last block at each resolution)."""
+        return list(self._architecture(family).stages)
+
+    def default_layer(self, family: str) -> str:
+        """The layer the Features tab opens on: the architecture's GradCAM layer (its last stage)."""
+        return self._architecture(family).gradcam_layer
+
+    def _architecture(self, family: str) -> Architecture:
+        return architecture_of(self.zoo(family).variants[REQUIRED].model)
 
     def channels(self, family: str, layer: str) -> int:
         model = self.zoo(family).variants[REQUIRED].model
@@ -272,7 +306,7 @@ class Session:
 
     def precompute(self, family: str, steps: int = DEFAULT_STEPS) -> None:
         """Compute (or find on disk) what a visitor sees first in the Features tab."""
-        self.features(family, get_family(family).gradcam_layer, list(DEFAULT_CHANNELS), steps)
+        self.features(family, self.default_layer(family), list(DEFAULT_CHANNELS), steps)
 
     # -- Representations --------------------------------------------------------------------------
 
@@ -280,7 +314,7 @@ class Session:
         """CKA of FP32 with each chosen variant and with every seed control (the reference band:
         how much two equally good FP32 networks differ); each pair is computed once."""
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
-        controls = self.seed_controls(family)
+        controls = self.controls(family)
         others = [v for v in chosen if v != REQUIRED and v not in controls] + controls
         images = None
         pairs = {}
@@ -290,7 +324,7 @@ class Session:
                     images = reference_images(get_family(family)) if images is None else images
                     self._similarity[family, other] = self._cka(family, other, images)
                 pairs[other] = self._similarity[family, other]
-        return Representations(pairs, _reading(pairs, controls))
+        return Representations(pairs, _reading(pairs, controls, get_family(family)))
 
     def _cka(self, family: str, other: str, images: torch.Tensor) -> LayerSimilarity:
         """FP32 vs ``other`` over ``images``, from the disk cache when these weights were seen before."""
@@ -301,7 +335,7 @@ class Session:
             return _similarity_from_dict(json.loads(path.read_text()))
         batch = max(len(images) // CKA_BATCHES, 4)
         with self.model(family, "fp32") as fp32, self.model(family, other) as model:
-            sim = layer_similarity(fp32, model, images.split(batch), residual_blocks(fp32), seed=0)
+            sim = layer_similarity(fp32, model, images.split(batch), list(architecture_of(fp32).blocks), seed=0)
         data = sim.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -322,7 +356,7 @@ class Session:
 
 def _out_channels(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    # A residual stage ends in its last block's last conv (its output width).
+    # A stage ends in its last block's last conv (its output width).
     return convs[-1].out_channels if convs else 0
 
 
@@ -343,9 +377,10 @@ def _similarity_from_dict(data: dict) -> LayerSimilarity:
                               "high": matrix(data["high"])})
 
 
-def _reading(pairs: dict[str, LayerSimilarity], controls: list[str]) -> str:
+def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], family: ModelFamily) -> str:
     """A few sentences on the diagonals (each layer against the same layer of FP32), each
-    compressed variant set against the seed controls: the only fair measure of "differs"."""
+    compressed variant set against the controls (other FP32 training runs): the only fair measure
+    of "differs". A family without any (a pretrained FP32 has no seeds) gets no such claim."""
     if not pairs:
         return "Choose a variant other than FP32 to compare its layers with FP32's."
     num_images = next(iter(pairs.values())).num_images
@@ -358,23 +393,29 @@ def _reading(pairs: dict[str, LayerSimilarity], controls: list[str]) -> str:
         lines.append(f"- FP32 vs **{other}**: diagonal CKA {np.nanmean(values):.2f} on average, lowest "
                      f"{values[worst]:.2f} at `{sim.layers_a[worst]}`.")
     compared = [v for v in pairs if v not in controls]
+    if not controls and not family.has_fp32_seeds:
+        lines.append(f"- The FP32 model of {family.name} is torchvision's pretrained {family.pretrained}, used as "
+                     "it is: it has no seeds, and no other training run is loaded here, so no variant is said "
+                     "to differ from retraining.")
+        return "\n".join(lines)
     if not controls:
         lines.append("- No FP32 model with another seed in this zoo: there is no control for how much "
                      "two equally good FP32 networks differ.")
         return "\n".join(lines)
+    kinds = {"another recipe" if parse_variant(c).is_recipe_control else "another seed" for c in controls}
+    again = f"with {' or '.join(sorted(kinds))}"
     band = np.stack([diagonal[c] for c in controls])  # [controls, layers]
     low, high = float(np.nanmean(band, axis=1).min()), float(np.nanmean(band, axis=1).max())
     names = ", ".join(controls)
     band_text = f"{low:.2f}" if len(controls) == 1 else f"{low:.2f} to {high:.2f}"
-    lines.append(f"- Reference band, FP32 vs FP32 trained again with another seed ({names}): {band_text}.")
+    lines.append(f"- Reference band, FP32 vs FP32 trained again {again} ({names}): {band_text}.")
     layer_low = np.nanmin(band, axis=0)  # per layer, the least similar control
     for other in compared:
         mean = float(np.nanmean(diagonal[other]))
         verdict = ("less than" if mean > high else "more than" if mean < low else "about as much as")
         below = int(np.sum(diagonal[other] < layer_low))
-        lines.append(f"- {other} changes the representations {verdict} training FP32 again with another "
-                     f"seed does ({mean:.2f} vs {band_text}); below the control at {below} of "
-                     f"{len(layer_low)} layers.")
+        lines.append(f"- {other} changes the representations {verdict} training FP32 again {again} "
+                     f"does ({mean:.2f} vs {band_text}); below the control at {below} of {len(layer_low)} layers.")
     return "\n".join(lines)
 
 

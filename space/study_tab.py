@@ -44,8 +44,9 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
         return None
     metrics = json.loads(path.read_text())
     figures = [(str(p), p.stem.replace("-", " ")) for p in sorted((Path(directory) / "figures").glob("dose-*.png"))]
-    lines = []
-    for axis, dr in metrics["dose_response"].items():
+    # A pretrained FP32 used as it is has no seed band: its note, and no "worse than" reading.
+    lines = [metrics["no_null"]] if metrics.get("no_null") else []
+    for axis, dr in metrics["dose_response"].items() if not lines else ():
         lines.append(f"**{axis}** ({', '.join(dr['levels'])}):")
         for metric, r in dr["metrics"].items():
             title = metrics["metrics"][metric]["title"]
@@ -64,7 +65,10 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
 
 def study_view(root: Path, zoos: Mapping[str, Path], family: str):
     """The tab's outputs for ``family``: figures, reading, class-damage table."""
-    zoo = StudyZoo.open(zoos[family])
+    try:
+        zoo = StudyZoo.open(zoos[family])
+    except FileNotFoundError:  # a family still being built here
+        return [], f"{family} has no FP32 model yet: it is still being trained here.", gr.update(value=[])
     view = load_study(study_directory(root, zoos[family]), list(zoo.family.class_names))
     if view is None:
         message = (f"No study of these weights yet. Run `python -m study --zoo {zoos[family]} "

@@ -67,12 +67,19 @@ class Study:
         self.settings = first["settings"]
         self.n = first["images"]
         self.blocks = first["blocks"]
-        self.num_classes = get_family(first["family"]).num_classes
+        family = get_family(first["family"])
+        self.num_classes = family.num_classes
         self.G = self.settings["groups"]
         self.batch = self.settings["batch_size"]
         self.groups = group_of(np.arange(self.n), self.G, self.batch)
         self.seeds = [n for n in names if parse_variant(n).kind == "fp32"]
         self.compressed = [n for n in names if parse_variant(n).kind != "fp32"]
+        # A pretrained FP32 used as it is has no seeds: with no other training run there is no null,
+        # and no variant is said to differ from retraining.
+        self.no_null = None if family.has_fp32_seeds or len(self.seeds) > 1 else (
+            f"The FP32 model of {family.name} is torchvision's pretrained {family.pretrained}, used as it is: it has "
+            "no seeds, and this zoo holds no other training run (fp32-recipe1), so there is no null and no "
+            "variant is said to differ from retraining.")
         for sh in shards:
             for ref in sh.meta["references"]:
                 if ref in self.shards and sh.meta["reference_sha256"][ref] != self.shards[ref].meta["weights_sha256"]:
@@ -152,7 +159,7 @@ def metric_table(study: Study, confidence: float) -> dict:
     out = {}
     pairs = study.seed_pairs()
     for metric, (title, better) in SINGLE.items():
-        null = [j for j in (study.single(s, metric) for s in study.seeds) if j is not None]
+        null = [j for j in (study.single(s, metric) for s in study.seeds) if j is not None and not study.no_null]
         rows = {}
         for name in study.shards:
             jk = study.single(name, metric)
@@ -270,6 +277,7 @@ def gather(shards: list[Shard]) -> dict:
         "variants": {n: {"kind": sh.meta["kind"], "title": sh.meta["title"], "weights_sha256": sh.meta["weights_sha256"],
                          "references": sh.meta["references"]} for n, sh in study.shards.items()},
         "seeds": study.seeds,
+        "no_null": study.no_null,
         "seed_pairs": [f"{a} vs {b}" for a, b in study.seed_pairs()],
         "blocks": study.blocks,
         "interval": f"{confidence:.0%} delete-a-group jackknife over {study.G} groups of images "

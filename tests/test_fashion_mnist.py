@@ -3,6 +3,7 @@ training, and the Space's per-family examples and model's view."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 import time
@@ -14,13 +15,14 @@ import torch
 from PIL import Image
 
 from surgery import load_variant, read_config
-from surgery.data import build_dataset, fashion_mnist, offline_available
+from surgery.data import build_dataset, fashion_mnist, offline_available, photos
 from surgery.data.fashion_mnist import DEBIAN_ROOT, FASHION_MNIST_CLASSES, FashionMNISTFiles
 from surgery.images import decode_image, model_view
 from surgery.registry import build_from_architecture, build_model, get_family
 from training.cli import main as training_main
 
 from ci import fashion_mnist_missing, require
+from conftest import close_app
 
 FAMILY = get_family("resnet18-fashionmnist")
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -55,9 +57,18 @@ def test_loader_reads_the_debian_files_in_place(test_set):
 
 
 def test_offline_available_follows_the_contract(monkeypatch, tmp_path):
+    """Shapes always; Fashion-MNIST where Debian's files are; ImageNet families where the package
+    photos are installed (requirements.txt ships them: they fit and evaluate on those); CIFAR-10 never."""
     assert offline_available("resnet18-shapes") is True
-    assert offline_available("resnet18-cifar10") is False and offline_available("resnet50-imagenet") is False
+    assert offline_available("resnet18-cifar10") is False
     assert offline_available(FAMILY) == all((DEBIAN_ROOT / name).is_file() for name in FILES)
+    imagenet = ("resnet50-imagenet", "mobilenetv2-imagenet")
+    assert all(offline_available(f) is True for f in imagenet)
+    # One photo's package missing: ImageNet families need their data from --data-root again.
+    absent = dataclasses.replace(photos.PHOTOS[0], package="no_such_package_here")
+    monkeypatch.setattr(photos, "PHOTOS", (absent, *photos.PHOTOS[1:]))
+    assert not any(offline_available(f) for f in imagenet)
+    assert offline_available("resnet18-cifar10") is False
     monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path)
     assert offline_available(FAMILY) is False
 
@@ -175,7 +186,7 @@ def two_family_app(tiny_zoo, tiny_fashion_zoo, tmp_path_factory):
                                "--feature-steps", "8"])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch)
     yield demo
-    demo.close()
+    close_app(demo)
 
 
 @pytest.fixture(scope="module")
