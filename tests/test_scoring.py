@@ -83,11 +83,10 @@ def test_deletion_and_insertion_reward_the_map_that_finds_the_evidence():
 
 def test_fp32_gradcam_peak_falls_inside_the_object_on_held_out_shapes(shapes_zoo):
     """Issue 4: on the shapes family, the FP32 GradCAM peak lies strictly inside the object mask on
-    at least 80% of held-out images. Tested as a claim about the model, not about one sample: on
-    the 1,000 held-out images the 95% interval of the pointing game must reach 0.80 (a model truly
-    at 80% fails 2.5% of the time). Measured with the shapes recipe (README): 0.82 [0.80, 0.85]
-    where FP32 trains under bfloat16 autocast (Xeon with AMX), 0.82 [0.80, 0.84] where it trains in FP32
-    (the same CPU limited to AVX2)."""
+    at least 80% of held-out images; here on 1,000 of them. Measured with the shapes recipe of 640
+    steps (README), seeds 0/1/2: 0.869/0.860/0.896 where FP32 trains under bfloat16 autocast (Xeon
+    with AMX), 0.898/0.870/0.890 where it trains in FP32 (the same CPU limited to AVX2); the lowest
+    sits 5 standard errors above the floor."""
     model, config = surgery.load_variant(shapes_zoo / "fp32")
     family = surgery.get_family(config["family"])
     ds = ShapesDataset(ShapesSpec("test", 1000, family.input_size, config["recipe"].get("seed", 0)))
@@ -97,4 +96,4 @@ def test_fp32_gradcam_peak_falls_inside_the_object_on_held_out_shapes(shapes_zoo
     hits = surgery.mean_ci(scores, seed=0)
     per_class = {name: round(float(scores[ds.labels == c].mean()), 3) for c, name in enumerate(ds.classes)}
     logger.info("FP32 GradCAM pointing game %s; per class %s", hits, per_class)
-    assert hits.high >= 0.8, f"pointing game {hits}; per class {per_class}"
+    assert hits.value >= 0.8, f"pointing game {hits}; per class {per_class}"
