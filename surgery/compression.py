@@ -222,20 +222,6 @@ def settle_bit_widths(model: nn.Module) -> dict[str, int]:
     return bit_widths(model)
 
 
-@torch.no_grad()
-def weight_grids(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    """Per quantized layer (by name): ``(low, high, levels)`` of its weight quantizer, one ``low``
-    and ``high`` per output channel: the grid its weights are rounded onto (for reconstructing
-    weights that the quantizer then reproduces exactly)."""
-    named = named_quantizers(model)
-    grids = {}
-    for name, role in quantizer_roles(model, example).items():
-        if role.kind == "weight":
-            low, high = named[name].get_input_low_input_high()
-            grids[role.layer] = (low.detach().flatten(), high.detach().flatten(), int(named[name].levels))
-    return grids
-
-
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable ranges of every quantizer (symmetric scales; asymmetric low and range), for an
     optimiser group of their own (NNCF 3.4 has no ``compression_lr_multiplier`` any more)."""
@@ -350,21 +336,6 @@ def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, targ
     _masks_on(model, example_input, mode, dense)
     return ExponentialMagnitudePruningScheduler(
         model, mode=mode, initial_ratio=0.0, target_ratio=ratio, target_epoch=max(ramp_updates, 1))
-
-
-def fixed_sparsity(model: nn.Module, example_input: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> None:
-    """Attach NNCF masks (in place) with these patterns (True: kept), by layer name, e.g. the ones a
-    layer-wise reconstruction chose; layers without a mask stay dense. Fine-tuning then trains the
-    kept weights only (masked ones get exactly zero gradient), until :func:`bake_sparsity`."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    unknown = sorted(set(masks) - set(layers))
-    if unknown:
-        raise ValueError(f"no conv or linear layers named {', '.join(unknown)}")
-    _masks_on(model, example_input, nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL,
-              [name for name in layers if name not in masks])
-    hooks = {name.removesuffix(".weight"): hook for name, hook in _pruning_masks(model).items()}
-    for name, mask in masks.items():
-        hooks[name].binary_mask.copy_(mask.to(hooks[name].binary_mask))
 
 
 def bake_sparsity(model: nn.Module) -> nn.Module:

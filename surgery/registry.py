@@ -84,10 +84,6 @@ class CompressionRecipe:
     # Images on which BatchNorm statistics are matched to FP32's after calibrating and after each growth of
     # the sparsity masks (training.batchnorm); 0 leaves them as they are.
     batchnorm_correction: int = 0
-    # Images for a layer-wise reconstruction before fine-tuning (training.reconstruction): quantized
-    # weights rounded by GPTQ, sparse masks and weights chosen by SparseGPT (instead of a magnitude
-    # ramp); 0 for none.
-    reconstruction_samples: int = 0
     bias_correction: bool = True  # NNCF's fast bias correction after calibrating
 
     def for_variant(self, spec: VariantSpec) -> Recipe:

@@ -173,12 +173,10 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
         _, metrics = derive_quantized(job, fp32, recipe, spec, calibration_samples or c.calibration_samples,
                                       out, reference, activation_ranges=c.activation_ranges,
                                       batchnorm_correction=c.batchnorm_correction,
-                                      reconstruction_samples=c.reconstruction_samples,
                                       bias_correction=c.bias_correction)
     else:
         _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
-                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction,
-                                   reconstruction_samples=c.reconstruction_samples)
+                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction)
     return metrics
 
 

@@ -26,7 +26,6 @@ from surgery.registry import ModelFamily, Recipe, build_model
 from surgery.variants import VariantSpec, parse_variant
 from training import distributed
 from training.batchnorm import match_batchnorm_statistics
-from training.reconstruction import Grid, layer_ratios, prune_layerwise, round_layerwise
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -128,14 +127,11 @@ def _image_batches(dataset: Dataset, seed: int, batch_size: int = 64):
 
 def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, calibration_samples: int,
                      out: Path, reference: torch.Tensor | None, *, activation_ranges: str = "mean_minmax",
-                     batchnorm_correction: int = 0, reconstruction_samples: int = 0,
-                     bias_correction: bool = True) -> tuple[nn.Module, dict]:
+                     batchnorm_correction: int = 0, bias_correction: bool = True) -> tuple[nn.Module, dict]:
     """Post-training quantization with NNCF at the variant's bit widths (first convolution and
     classifier at 8 bits; depthwise convolutions too for ``-dw8``), then quantization-aware
     fine-tuning with the ranges trained too: on the labels, or distilled from ``fp32`` when the
-    recipe says so (:mod:`training.distillation`). Before fine-tuning, with ``reconstruction_samples``
-    images the weights are rounded onto their quantizers' grids by GPTQ (:mod:`training.reconstruction`),
-    and with ``batchnorm_correction`` images the BatchNorm statistics are matched to FP32's
+    recipe says so (:mod:`training.distillation`). Before fine-tuning, with ``batchnorm_correction`` images the BatchNorm statistics are matched to FP32's
     (:mod:`training.batchnorm`)."""
     if spec.kind != "quantized":
         raise ValueError(f"{spec.name} is not a quantized variant")
@@ -146,10 +142,6 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
                                      activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise,
                                      bias_correction=bias_correction)
-    if reconstruction_samples:
-        images = _correction_images(job, reconstruction_samples, salt=2)
-        grids = {layer: Grid(*grid) for layer, grid in compression.weight_grids(quantized, images[:1]).items()}
-        round_layerwise(quantized, images, grids)
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     steps = _steps(recipe, job)
@@ -157,7 +149,6 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
         quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                         desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
     method = " + ".join(["nncf.quantize" + ("" if bias_correction else " (no bias correction)")]
-                        + (["GPTQ rounding"] if reconstruction_samples else [])
                         + (["BatchNorm statistics matched to FP32"] if batchnorm_correction else [])
                         + ([("distillation from FP32" if recipe.distill_temperature else "quantization-aware training")]
                            if steps else []))
@@ -165,7 +156,6 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
             "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
             "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
             "bias_correction": bias_correction, "batchnorm_correction_samples": batchnorm_correction,
-            "reconstruction": _reconstruction_record("GPTQ (Frantar et al. 2023)", reconstruction_samples),
             "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
             "qat_steps": steps, **(_distillation_record(recipe) if steps else {})}
     metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
@@ -174,13 +164,11 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
                   out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
-                  batchnorm_correction: int = 0, reconstruction_samples: int = 0) -> tuple[nn.Module, dict]:
+                  batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
     """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
     ``-dwdense``) ramped from 0 to the variant's sparsity over the first ``ramp`` fraction of
     fine-tuning (the rest trains around the final masks); masks then baked into the weights. With
-    ``reconstruction_samples`` images, the masks and the kept weights are instead chosen at once,
-    layer by layer, by SparseGPT (:mod:`training.reconstruction`, every layer at the same sparsity)
-    and fine-tuning trains around them. With ``batchnorm_correction`` images, BatchNorm statistics
+    ``batchnorm_correction`` images, BatchNorm statistics
     are matched to FP32's after every change of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
         raise ValueError(f"{spec.name} is not a sparse variant")
@@ -197,28 +185,18 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         if images is not None:
             match_batchnorm_statistics(model, fp32, images)
 
-    if reconstruction_samples:
-        masks = prune_layerwise(model, _correction_images(job, reconstruction_samples, salt=2),
-                                layer_ratios(model, spec.sparsity, dense))
-        compression.fixed_sparsity(model, example, masks)
-        correct()
-        grow = None
-        selection = {"method": "SparseGPT layer-wise reconstruction (every layer alike) + fine-tuning with fixed masks",
-                     "reconstruction": _reconstruction_record("SparseGPT (Frantar & Alistarh 2023)",
-                                                              reconstruction_samples)}
-    else:
-        scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
-                                                         per_layer=per_layer, dense=dense)
-        grow = _MaskRamp(scheduler, ramp * recipe.epochs, correct)
-        selection = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) "
-                               "+ fine-tuning", "mode": str(scheduler.mode),
-                     "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} "
-                                 "of fine-tuning"}
+    scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
+                                                     per_layer=per_layer, dense=dense)
+    grow = _MaskRamp(scheduler, ramp * recipe.epochs, correct)
+    selection = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) "
+                           "+ fine-tuning", "mode": str(scheduler.mode),
+                 "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} "
+                             "of fine-tuning"}
     # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
     model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                 desc=spec.name, workers=job.workers, channels_last=False, on_step=grow,
                 teacher=_teacher(fp32, recipe))
-    if grow is not None and grow.finish():
+    if grow.finish():
         logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
                        spec.name, _steps(recipe, job), spec.sparsity * 100)
     compression.bake_sparsity(model)
@@ -258,14 +236,10 @@ class _MaskRamp:
 
 def _correction_images(job: Job, n: int, salt: int = 1) -> torch.Tensor:
     """``n`` training images, drawn apart from the calibration ones (another ``salt``, another draw),
-    for matching BatchNorm statistics or reconstructing layers."""
+    for matching BatchNorm statistics."""
     loader = DataLoader(job.train_set, batch_size=n, shuffle=True,
                         generator=torch.Generator().manual_seed(job.seed + salt))
     return next(iter(loader))[0].to(job.ctx.device)
-
-
-def _reconstruction_record(method: str, samples: int) -> dict | None:
-    return {"method": method, "samples": samples} if samples else None
 
 
 def _teacher(fp32: nn.Module, recipe: Recipe) -> nn.Module | None:
