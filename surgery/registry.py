@@ -331,12 +331,11 @@ FAMILIES: dict[str, ModelFamily] = {
             # 0 epochs: torchvision's weights are the FP32 model (no training, no seeds); --epochs N
             # trains on --data-root from random weights (SGD; torchvision's own recipe is 300 epochs).
             fp32=Recipe(epochs=0, lr=0.045, batch_size=256, weight_decay=4e-5, milestones=(100, 200, 250)),
-            # A placeholder until the photo-distillation recipes land: INT8 after a short fine-tuning.
+            # A placeholder until the photo-distillation recipes land: post-training compression
+            # alone (0 epochs), since the package photos have no labels to fine-tune on.
             compression=CompressionRecipe(
-                quantized={8: Recipe(epochs=1, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0,
-                                     steps_per_epoch=8)},
-                sparse={0.99: Recipe(epochs=1, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0,
-                                     steps_per_epoch=8)},
+                quantized={8: Recipe(epochs=0, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0)},
+                sparse={0.99: Recipe(epochs=0, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0)},
                 calibration_samples=320,
             ),
             dataset_card=DatasetCard(
