@@ -312,14 +312,15 @@ def read_report(directory: str | Path) -> dict[str, Any]:
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_folder(config: dict, cache_dir: str | Path) -> Path:
+def cache_folder(config: dict, cache_dir: str | Path) -> Path:
+    """Where :func:`deployed_figures` keeps the IR and report of the variant with this ``config.json``."""
     return Path(cache_dir) / "openvino" / f"{config['weights']['sha256'][:32]}-ov{OPENVINO_VERSION}"
 
 
 def cached_report(config: dict, cache_dir: str | Path) -> dict[str, Any] | None:
     """The cached ``openvino.json`` of the variant with this ``config.json``, or None."""
     try:
-        return read_report(_cache_folder(config, cache_dir))
+        return read_report(cache_folder(config, cache_dir))
     except DeployError:
         return None
 
@@ -331,7 +332,7 @@ def deployed_figures(model: nn.Module, config: dict, cache_dir: str | Path, eval
     OpenVINO version; a cached report is returned without converting anything. ``model`` is
     traced: pass one that no other thread uses meanwhile (a copy of a shared model).
     """
-    folder = _cache_folder(config, cache_dir)
+    folder = cache_folder(config, cache_dir)
     with _CACHE_LOCK:  # one export at a time: each uses every core
         report = cached_report(config, cache_dir)
         if report is not None:

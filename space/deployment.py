@@ -60,6 +60,16 @@ class DeploymentColumns:
                                _round(figures["agreement_with_pytorch"], 4)]
         return cells, _note(machine, pending, failed)
 
+    def wait(self, family: str) -> None:
+        """Block until every variant of ``family`` is measured (or failed); starts what is not started."""
+        for name in self.session.zoo(family).variants:
+            if not parse_variant(name).is_seed_control:
+                self._future(family, name).exception()  # waits; a failure shows in cells()
+
+    def close(self) -> None:
+        """Stop measuring: exports not started yet are dropped, a running one is waited for."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
     def _future(self, family: str, name: str) -> Future:
         with self._lock:
             if (family, name) not in self._futures:

@@ -173,6 +173,10 @@ class Handlers:
         self.maps_dir = Path(maps_dir)
         self.deployment = deployment.DeploymentColumns(session)
 
+    def close(self) -> None:
+        """Stop the work the handlers started in the background (the Models tab's OpenVINO exports)."""
+        self.deployment.close()
+
     def _family(self, family: str) -> str:
         self.session.zoo(family)  # raises ValueError for a family that is not loaded
         return family

@@ -7,9 +7,11 @@ run. With ``HF_HUB_OFFLINE=1`` it serves from the cache without any request.
 
 Every way a pull can fail (Hub unreachable with nothing cached, missing repo, revision or file,
 private or gated repo without a token, a repo in another format) raises one :class:`HubError`
-that names the repo and says what to do, within :data:`METADATA_DEADLINE_S` plus a moment: the
-first request runs under a hard deadline, because DNS look-ups, the client's telemetry request and
-its retries are not bounded by socket timeouts. Once the Hub has answered, the transfer itself runs
+that names the repo and says what to do, within the first request's deadline plus a moment
+(:func:`metadata_deadline`: 3 s, or ``SURGERY_HUB_DEADLINE_S``): the first request runs under a hard
+deadline, because DNS look-ups, the client's telemetry request and its retries are not bounded by
+socket timeouts. A Hub that answers later than that counts as unreachable (a slow mirror, a loaded
+machine: raise the setting there). Once the Hub has answered, the transfer itself runs
 under the client's own timeouts (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``).
 
 ``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` when it is imported,
@@ -25,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -50,7 +53,8 @@ from surgery.checkpoint import FILES, FORMAT, PICKLE_SUFFIXES, CheckpointError
 
 logger = logging.getLogger(__name__)
 
-METADATA_DEADLINE_S = 3.0  # the first request's hard limit; past it the Hub counts as unreachable
+DEADLINE_ENV = "SURGERY_HUB_DEADLINE_S"
+DEFAULT_DEADLINE_S = 3.0
 _LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 T = TypeVar("T")
 
@@ -92,12 +96,24 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return folder
 
 
+def metadata_deadline() -> float:
+    """The first request's hard limit in seconds, past which the Hub counts as unreachable:
+    ``$SURGERY_HUB_DEADLINE_S`` when set (read at each call), else 3."""
+    text = os.environ.get(DEADLINE_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_DEADLINE_S
+    except ValueError:
+        raise HubError(f"{DEADLINE_ENV}={text!r}: not a number of seconds") from None
+    if seconds <= 0:
+        raise HubError(f"{DEADLINE_ENV}={text!r}: the deadline must be positive")
+    return seconds
+
+
 def _model_info(repo_id: str, revision: str) -> ModelInfo | None:
     """The repo's metadata, or None when the Hub cannot be reached (then the cache is used)."""
-    api = HfApi()
+    api, deadline = HfApi(), metadata_deadline()
     try:
-        return _within(METADATA_DEADLINE_S, lambda: api.model_info(repo_id, revision=revision,
-                                                                   timeout=METADATA_DEADLINE_S))
+        return _within(deadline, lambda: api.model_info(repo_id, revision=revision, timeout=deadline))
     except (TimeoutError, httpx2.TransportError, OfflineModeIsEnabled) as exc:
         logger.warning("cannot reach the Hub at %s (%s): looking for %s@%s in the cache",
                        constants.ENDPOINT, str(exc) or type(exc).__name__, repo_id, revision)
@@ -148,9 +164,10 @@ def _explain(exc: HfHubHTTPError, repo_id: str, revision: str) -> HubError:
 
 def _exists(repo_id: str) -> bool:
     """Whether the repo answers at its default branch (some mirrors report a bad revision as 404)."""
+    deadline = metadata_deadline()
     try:
-        _within(METADATA_DEADLINE_S, lambda: HfApi().model_info(repo_id, revision=constants.DEFAULT_REVISION,
-                                                                timeout=METADATA_DEADLINE_S))
+        _within(deadline, lambda: HfApi().model_info(repo_id, revision=constants.DEFAULT_REVISION,
+                                                     timeout=deadline))
     except Exception:  # any failure means "cannot tell": report the repo as missing
         return False
     return True

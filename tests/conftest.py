@@ -1,7 +1,22 @@
-"""Shared fixtures: zoos are built once per test session through the real CLI.
+"""Shared fixtures, the session's builds, and what CI may not skip.
 
-``SURGERY_TEST_ZOO`` (and ``SURGERY_TEST_TINY_ZOO``) may point at a zoo built earlier with the
-same command, to iterate on tests without rebuilding it; CI always builds afresh.
+The zoos and the install test's venv are built once per session (``tests/builds.py``), started
+when collection is done and before the first test, so ``--durations`` charges them to no test;
+the summary prints their times in a section of its own:
+
+- ``untrained_zoo``: resnet18-shapes fp32, the whole ladder and the fp32-seed1
+  control after two training steps a stage (real formats, bit widths and sparsity levels), built
+  in this process; each model is run on probe images as it is saved (``saved_outputs``), so the
+  reload tests compare with the model the training code held, without training it again.
+- ``tiny_zoo``: its fp32, int8, sparse90 and fp32-seed1, as links: the default zoo's shape.
+- ``shapes_zoo``: the trained zoo, trained in a child process at lower priority while the other
+  tests run; the tests that need it run last.
+- ``installed``: a fresh venv with the package pip-installed, made in a thread meanwhile.
+- ``tiny_fashion_zoo``: resnet18-fashionmnist after two steps a stage, where Debian's data is.
+
+``SURGERY_TEST_ZOO`` (trained) and ``SURGERY_TEST_UNTRAINED_ZOO`` (untrained) may point at zoos built
+earlier with the same arguments, to iterate on tests without rebuilding them; CI always builds.
+Under ``CI=true`` a skip fails the run unless its reason is one ``tests/ci.py`` allows (its plugin).
 """
 
 from __future__ import annotations
@@ -11,32 +26,132 @@ import os
 # Before torch loads OpenMP: spinning worker threads make every forward ~20x slower as soon as
 # more threads than cores are runnable (app servers, DDP and Hub subprocesses in these tests).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NNCF gives up on compiling its extension after 60 s; several processes wait on one compile here.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from training.cli import main as training_main
+import ci
+from builds import BUILDS, SAVED_OUTPUTS, Build, stop_children
 
 torch.set_num_threads(2)
 
+GIVEN = {"shapes_zoo": "SURGERY_TEST_ZOO", "untrained_zoo": "SURGERY_TEST_UNTRAINED_ZOO"}
 
-def _zoo(tmp_path_factory: pytest.TempPathFactory, env: str, name: str, extra: list[str],
-         family: str = "resnet18-shapes") -> Path:
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(ci, "surgery-ci")  # under CI=true, a skip CI does not allow fails the run
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_children()  # a background build the session no longer waits for (an interrupted run)
+
+
+def _given(name: str) -> Path | None:
+    path = os.environ.get(GIVEN.get(name, ""), "")
+    return Path(path) if path and (Path(path) / "fp32" / "config.json").exists() else None
+
+
+def _builds_of(item: pytest.Item) -> list[Build]:
+    return [BUILDS[name] for name in item.fixturenames if name in BUILDS and _given(name) is None]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests waiting on a background build go last, in the order the builds should finish."""
+    def key(item: pytest.Item) -> int:
+        background = [b.order + 1 for b in _builds_of(item) if b.background]
+        return max(background, default=0)
+
+    items[:] = sorted(items, key=key)  # stable: file order otherwise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    """Start the builds the selected tests need: background ones first, then the rest here."""
+    if not session.config.option.collectonly:
+        needed = {b.name: b for item in session.items for b in _builds_of(item)}
+        root = session.config._tmp_path_factory.mktemp("session-builds")
+        for build in sorted(needed.values(), key=lambda b: not b.background):
+            if build.needs() is None:
+                build.start(root / build.name)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """Wait for an unfinished background build before the test's own setup starts its clock."""
+    _running[:] = [item.nodeid]
+    for build in _builds_of(item):
+        build.wait()
+    return (yield)
+
+
+def _result(name: str):
+    given = _given(name)
+    if given is not None:
+        return given
+    build = BUILDS[name]
+    ci.require(build.needs())
+    if build.started is None:  # the test was not among the collected ones (e.g. a fixture of a fixture)
+        build.start(Path(os.environ.get("PYTEST_BUILD_ROOT", "/tmp")) / f"surgery-tests-{os.getpid()}" / name)
+    return build.result()
+
+
+@pytest.fixture(scope="session")
+def untrained_zoo() -> Path:
+    """fp32, the whole compression ladder (surgery.variants.LADDER) and the fp32-seed1 control of
+    resnet18-shapes after two training steps a stage, built through the real CLI."""
+    return _result("untrained_zoo")
+
+
+@pytest.fixture(scope="session")
+def saved_outputs(untrained_zoo) -> dict[str, dict]:
+    """Per variant of ``untrained_zoo``: the logits of the model the training code saved, on
+    ``probe_images``, and its quantizers' bit widths and levels at that moment."""
+    if not SAVED_OUTPUTS:
+        pytest.skip(f"{untrained_zoo} was built by another session: its models were not seen as they were saved")
+    return SAVED_OUTPUTS
+
+
+@pytest.fixture(scope="session")
+def probe_images() -> torch.Tensor:
+    from builds import PROBE_IMAGES, PROBE_SEED
+    from surgery.data import ShapesDataset, ShapesSpec
+
+    return ShapesDataset(ShapesSpec("val", PROBE_IMAGES, seed=PROBE_SEED)).images.float() / 255
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(untrained_zoo, tmp_path_factory) -> Path:
+    """fp32, int8, sparse90 and the fp32-seed1 control of ``untrained_zoo``, as links: real formats,
+    untrained accuracy, the default zoo's variants."""
+    zoo = tmp_path_factory.mktemp("tiny_zoo")
+    for variant in ("fp32", "int8", "sparse90", "fp32-seed1"):
+        (zoo / variant).symlink_to(untrained_zoo / variant, target_is_directory=True)
+    return zoo
+
+
+@pytest.fixture(scope="session")
+def shapes_zoo() -> Path:
+    """The trained resnet18-shapes zoo (fp32, int8, sparse90), trained while the other tests run."""
+    return _result("shapes_zoo")
+
+
+def _mobilenet_zoo(tmp_path_factory: pytest.TempPathFactory, env: str, name: str, family: str,
+                   extra: list[str]) -> Path:
+    """A MobileNetV2 zoo through the real CLI (or the one ``env`` names, built earlier the same way)."""
+    from training.cli import main as training_main
+
     given = os.environ.get(env)
     if given and (Path(given) / "fp32" / "config.json").exists():
         return Path(given)
     out = tmp_path_factory.mktemp(name)
     assert training_main(["zoo", "--family", family, "--out", str(out), *extra]) == 0
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_zoo(tmp_path_factory) -> Path:
-    """fp32/int8/sparse90 and the fp32-seed1 control of resnet18-shapes after a few steps:
-    real formats, untrained accuracy."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_TINY_ZOO", "tiny_zoo",
-                ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2", "--seed-control"])
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +169,8 @@ def mobilenet_weights() -> Path:
 def mobilenet_zoo(mobilenet_weights, tmp_path_factory) -> Path:
     """fp32/int8/sparse90 of mobilenetv2-shapes (a small MobileNetV2: no layer4, no fc) after a few
     steps, through the real CLI: what every consumer is tested on besides the ResNets."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_MOBILENET_ZOO", "mobilenet_zoo",
-                ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2"], family="mobilenetv2-shapes")
+    return _mobilenet_zoo(tmp_path_factory, "SURGERY_TEST_MOBILENET_ZOO", "mobilenet_zoo", "mobilenetv2-shapes",
+                          ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2"])
 
 
 @pytest.fixture(scope="session")
@@ -81,39 +196,87 @@ IMAGENET_STAND_IN_ARGS = ["--max-steps", "1", "--workers", "0", "--train-samples
 @pytest.fixture(scope="session")
 def mobilenet_imagenet_zoo(mobilenet_weights, imagenet_stand_in, tmp_path_factory) -> Path:
     """fp32 (torchvision's weights as they are) and int8 (one step) of mobilenetv2-imagenet, through the CLI."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_IMAGENET_ZOO", "mobilenet_imagenet_zoo",
-                ["--variants", "fp32,int8", "--data-root", str(imagenet_stand_in), *IMAGENET_STAND_IN_ARGS],
-                family="mobilenetv2-imagenet")
-
-
-# Every stage of the ladder zoo trains one epoch of two steps on 128 images: real formats and real
-# bit widths and sparsity levels, untrained accuracy; about 2-3 minutes on 2 cores.
-LADDER_ZOO_ARGS = ["--ladder", "--seeds", "2", "--train-samples", "128", "--eval-samples", "32",
-                   "--epochs", "1", "--max-steps", "2"]
+    return _mobilenet_zoo(tmp_path_factory, "SURGERY_TEST_IMAGENET_ZOO", "mobilenet_imagenet_zoo",
+                          "mobilenetv2-imagenet",
+                          ["--variants", "fp32,int8", "--data-root", str(imagenet_stand_in), *IMAGENET_STAND_IN_ARGS])
 
 
 @pytest.fixture(scope="session")
-def ladder_zoo(tmp_path_factory) -> Path:
-    """fp32, the whole compression ladder (surgery.variants.LADDER) and the fp32-seed1 control of
-    resnet18-shapes, built through the real CLI."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_LADDER_ZOO", "ladder_zoo", LADDER_ZOO_ARGS)
+def installed() -> SimpleNamespace:
+    """A fresh venv with ``pip install`` of a copy of the checkout (no extras); a directory outside both."""
+    made = _result("installed")
+    return SimpleNamespace(venv=made["venv"], python=str(made["venv"] / "bin" / "python"), source=made["source"],
+                           outside=made["outside"])
 
 
 @pytest.fixture(scope="session")
-def shapes_zoo(tmp_path_factory) -> Path:
-    """The real resnet18-shapes zoo (fp32, int8, sparse90) with its default recipe: a few minutes.
-    Its seed control is left out to keep the suite short; ``tiny_zoo`` has one."""
-    return _zoo(tmp_path_factory, "SURGERY_TEST_ZOO", "shapes_zoo", [])
+def tiny_fashion_zoo() -> Path:
+    """fp32, int8, sparse90 of resnet18-fashionmnist after 2 steps a stage: real formats, untrained."""
+    return _result("tiny_fashion_zoo")
 
 
 @pytest.fixture(scope="session")
 def space_app(tiny_zoo, tmp_path_factory):
-    """The Space on ``tiny_zoo``, served in-process (Gradio's own server, a free local port)."""
+    """The Space on ``tiny_zoo`` with ``--device cpu``, served in-process (Gradio's own server, a free
+    local port); its background OpenVINO exports are stopped with it."""
     from space.app import create_app
 
     cache = tmp_path_factory.mktemp("space-cache")
     demo, launch = create_app(["--zoo", str(tiny_zoo), "--source", "local", "--families", "resnet18-shapes",
-                               "--cache-dir", str(cache), "--concurrency", "4", "--feature-steps", "8"])
+                               "--cache-dir", str(cache), "--concurrency", "4", "--feature-steps", "8",
+                               "--device", "cpu"])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch)
     yield demo
+    close_app(demo)
+
+
+@pytest.fixture(scope="session")
+def hub(untrained_zoo, tmp_path_factory):
+    """Hub servers on 127.0.0.1 for the whole session, with ``untrained_zoo`` pushed once by
+    ``push-zoo`` as ``ORG/resnet18-shapes-<variant>``: pushes go to the stand-in, pulls come from olah."""
+    from hub_servers import ORG, TOKEN, HubStandIn, Olah, run_client
+
+    root = tmp_path_factory.mktemp("hub")
+    with HubStandIn(root / "mirrors", TOKEN) as stand_in, Olah(root / "mirrors", root) as olah:
+        pushed = run_client([{"op": "cli", "args": ["push-zoo", str(untrained_zoo), "--org", ORG]}],
+                            endpoint=stand_in.url, home=root / "push_home", token=TOKEN)
+        assert pushed[0]["exit"] == 0, pushed
+        yield SimpleNamespace(stand_in=stand_in, olah=olah, root=root)
+
+
+def close_app(demo) -> None:
+    """Stop a Space served in-process, and the OpenVINO exports its Models tab started."""
     demo.close()
+    explain = next(f for f in demo.fns.values() if f.api_name == "explain")
+    explain.fn.__self__.close()
+
+
+_shared_setups: list[tuple[float, str, str]] = []  # seconds, fixture, the test it was set up for
+_running: list[str] = []  # the test being run
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    """Time each module- or session-scoped fixture's own setup (its dependencies are set up before)."""
+    started = time.perf_counter()
+    try:
+        return (yield)
+    finally:
+        if fixturedef.scope in ("module", "session"):
+            _shared_setups.append((time.perf_counter() - started, fixturedef.argname, "".join(_running)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    slow = sorted((s for s in _shared_setups if s[0] >= 1.0), reverse=True)[:15]
+    if slow:
+        terminalreporter.section("shared fixtures (in --durations as the setup of the first test using them)")
+        for seconds, name, node in slow:
+            terminalreporter.write_line(f"{seconds:7.1f} s  {name}  (for {node})")
+    started = [b for b in BUILDS.values() if b.started is not None]
+    if started:
+        terminalreporter.section("session builds (not in --durations)")
+        for b in started:
+            where = "background" if b.background else "before the first test"
+            took = f"{b.seconds:.1f} s" if b.seconds is not None else "unfinished"
+            waited = f"; tests waited {b.waited:.1f} s for it" if b.background else ""
+            terminalreporter.write_line(f"{b.name}: {took} ({where}){waited}")

@@ -10,7 +10,11 @@
   :class:`CountingProxy` that records every request.
 - :func:`silent_endpoint` accepts connections and never answers; :func:`closed_endpoint` refuses them.
 - :func:`client` (``python tests/hub_servers.py OPS_JSON``) runs pulls in a fresh process, because
-  ``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` when it is imported.
+  ``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` when it is imported;
+  :func:`run_client` starts that process from a test.
+
+``conftest.py`` starts one stand-in and one olah for the whole session (fixture ``hub``), with the
+untrained zoo pushed once as ``ORG/resnet18-shapes-<variant>``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+ORG = "test-org"
+TOKEN = "hf_stand_in_write_token"
+# A local olah on a loaded 2-core machine can take seconds to answer its first request; the
+# library's 3 s deadline would call it unreachable. Pulls that must succeed get this instead.
+PULL_DEADLINE_S = "60"
 _GIT_ENV = {"GIT_AUTHOR_NAME": "hub", "GIT_AUTHOR_EMAIL": "hub@localhost", "GIT_COMMITTER_NAME": "hub",
             "GIT_COMMITTER_EMAIL": "hub@localhost", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
 _GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"  # what a new Hub repo starts with
@@ -406,6 +415,24 @@ def silent_endpoint() -> Iterator[str]:
 def closed_endpoint() -> str:
     """A Hub address where nothing listens: connections are refused."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def run_client(ops: list[dict], *, endpoint: str, home: Path, token: str | None = None, offline: bool = False,
+               deadline: str = PULL_DEADLINE_S) -> list[dict]:
+    """:func:`client` in a fresh process whose Hub environment is its own: ``HF_ENDPOINT``,
+    ``HF_HOME``, the token, offline mode, and the first request's deadline (``SURGERY_HUB_DEADLINE_S``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "OMP_NUM_THREADS": "1", "SURGERY_HUB_DEADLINE_S": deadline}
+    if token:
+        env["HF_TOKEN"] = token
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, __file__, json.dumps(ops)], env=env, cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise AssertionError(f"Hub client failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def client(ops: list[dict]) -> list[dict]:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from space.examples import PHOTOS, photo_path, write_examples
 from space.zoo_source import SourceConfig, SourceError, resolve
-from hub_servers import GitRepos, Olah, closed_endpoint
+from hub_servers import PULL_DEADLINE_S, closed_endpoint
 from test_images import png_header_only
 from surgery import attribution, compression, load_variant
 from surgery.actmax import activation_maximization
@@ -170,8 +170,9 @@ def test_features_serve_the_precomputed_channels_equal_to_a_fresh_run(client, ti
     fresh = (fresh.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     for item, expected in zip(galleries[0], fresh):
         assert np.array_equal(_pixels(item["image"]), expected)
-    # The variants are different models: their pictures differ.
-    assert not np.array_equal(_pixels(galleries[0][0]["image"]), _pixels(galleries[1][0]["image"]))
+    # Each column is its own variant's model: 90% sparse is another network, its picture differs. (FP32 and
+    # INT8, two training steps apart in the untrained zoo, may round to the same 8-bit picture.)
+    assert not np.array_equal(_pixels(galleries[0][0]["image"]), _pixels(galleries[2][0]["image"]))
 
 
 @pytest.mark.parametrize("layer, channels, steps, message", [
@@ -240,13 +241,16 @@ def test_a_zoo_is_served_with_whatever_it_holds_besides_fp32(tiny_zoo, tmp_path)
     assert list(zoo.variants) == ["fp32", "sparse90"] and not zoo.pending
 
 
-def _resolve_in_a_fresh_process(endpoint: str, home: Path, org: str, zoo: Path) -> tuple[dict, str]:
+def _resolve_in_a_fresh_process(endpoint: str, home: Path, org: str, zoo: Path,
+                                deadline: str | None = None) -> tuple[dict, str]:
     """``resolve`` for resnet18-shapes in a new process: huggingface_hub reads HF_ENDPOINT at import."""
     script = ("import json, sys; from space.zoo_source import SourceConfig, resolve; "
               "zoos = resolve(SourceConfig(hub_org=sys.argv[1], families=('resnet18-shapes',), zoo=sys.argv[2])); "
               "print(json.dumps({name: {'origin': z.origin, 'variants': {v: [x.repo_id, x.config['weights']['sha256']] "
               "for v, x in z.variants.items()}} for name, z in zoos.items()}))")
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0", "OMP_NUM_THREADS": "1"}
+    if deadline:
+        env["SURGERY_HUB_DEADLINE_S"] = deadline
     done = subprocess.run([sys.executable, "-c", script, org, str(zoo)], capture_output=True, text=True,
                           env=env, cwd=Path(__file__).parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -257,16 +261,15 @@ def _sha(zoo: Path, variant: str) -> str:
     return json.loads((zoo / variant / "config.json").read_text())["weights"]["sha256"]
 
 
-def test_the_hub_comes_first(tiny_zoo, tmp_path):
-    # The zoo's variants as Hub repos ORG/<family>-<variant>, served by a real Hub mirror (olah).
-    repos = GitRepos(tmp_path / "mirrors")
+def test_the_hub_comes_first(hub, tiny_zoo, tmp_path):
+    # The zoo's variants as Hub repos ORG/<family>-<variant>, served by the session's Hub mirror (olah).
     for variant in VARIANTS:
         repo_id = f"space-test/resnet18-shapes-{variant}"
-        repos.create(repo_id)
-        repos.commit(repo_id, "main", {f.name: f.read_bytes() for f in (tiny_zoo / variant).iterdir()}, [], "add")
-    with Olah(tmp_path / "mirrors", tmp_path) as olah:
-        # The local zoo holds the same models: the Hub must still be the one chosen.
-        found, log = _resolve_in_a_fresh_process(olah.url, tmp_path / "hf", "space-test", tiny_zoo)
+        hub.stand_in.repos.create(repo_id)
+        hub.stand_in.repos.commit(repo_id, "main", {f.name: f.read_bytes() for f in (tiny_zoo / variant).iterdir()},
+                                  [], "add")
+    # The local zoo holds the same models: the Hub must still be the one chosen.
+    found, log = _resolve_in_a_fresh_process(hub.olah.url, tmp_path / "hf", "space-test", tiny_zoo, PULL_DEADLINE_S)
     assert found["origin"] == "Hugging Face Hub (space-test)"
     assert found["variants"] == {v: [f"space-test/resnet18-shapes-{v}", _sha(tiny_zoo, v)] for v in VARIANTS}
     assert "no space-test/resnet18-shapes-fp32-seed1 on the Hub" in log  # the optional control, logged

@@ -24,6 +24,7 @@ from hub_servers import free_port
 from space.examples import write_examples
 from space.preparing import serves_the_space
 
+pytestmark = pytest.mark.e2e  # python app.py in its own process, 16 clients
 CLIENTS = 16
 REPO = Path(__file__).parents[1]
 

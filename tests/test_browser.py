@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from chromium import ARTIFACTS, CHROMIUM, launch
+from ci import chromium_missing, playwright_missing, require
+from conftest import close_app
+from chromium import ARTIFACTS, launch
 from space.examples import PHOTOS, photo_path
 from surgery.variants import parse_variant
 
@@ -25,14 +27,12 @@ CHOSEN = (*DEFAULT, "fp32-seed1")  # the visitor adds the seed control: four col
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
 CATS = {"tiger cat", "Egyptian cat", "tabby"}  # ImageNet's classes for a cat like scikit-image's chelsea
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
-                                                              "(apt-get install chromium)")
-
-
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_api.sync_playwright() as p:  # one per thread at a time: every test's pages share it
+    require(playwright_missing() or chromium_missing())  # CI installs both: there this fails, never skips
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:  # one per thread at a time: every test's pages share it
         browser = launch(p)
         yield browser
         browser.close()
@@ -95,8 +95,12 @@ def test_a_bad_upload_shows_a_message_not_a_traceback(page, tmp_path):
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1), (255, 0, 0)).save(buffer, "PNG")
     dot.write_bytes(buffer.getvalue())
+    before = page.locator("#explain-image img").get_attribute("src")
     page.set_input_files("#explain-image input[type=file]", str(dot))
-    page.wait_for_timeout(500)
+    # The click must not race the upload: wait until the page shows the new image.
+    page.wait_for_function("before => { const img = document.querySelector('#explain-image img');"
+                           " return img && img.complete && img.getAttribute('src') !== before; }",
+                           arg=before, timeout=30_000)
     page.click("#explain-button")
     message = page.get_by_text("1x1 pixels")
     message.first.wait_for(timeout=60_000)
@@ -120,7 +124,7 @@ def first_page(mobilenet_imagenet_zoo, tmp_path_factory):
                                        "--cache-dir", str(tmp_path_factory.mktemp("first-page-cache"))])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options)
     yield demo
-    demo.close()
+    close_app(demo)
 
 
 def test_a_photo_of_a_cat_is_a_cat_to_fp32_on_the_first_page(first_page, browser):

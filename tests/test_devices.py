@@ -21,6 +21,8 @@ from surgery import compression
 from surgery.devices import DeviceError, move, resolve_device
 from surgery.images import load_image
 
+from ci import compiler_missing, require
+
 FAMILY = "resnet18-shapes"
 NO_GPU = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
@@ -148,18 +150,32 @@ def test_every_tensor_of_a_request_is_on_the_requested_device(device, families, 
         assert answer.gradcam.device.type == answer.saliency.device.type == "cpu"
 
 
-def test_device_cpu_changes_nothing(families, image, tmp_path):
-    default = Session(families, cache_dir=tmp_path / "default").explain(FAMILY, image, "gradient")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_cuda_answers_equal_the_cpu_answers_up_to_float_rounding(families, image, tmp_path):
+    """The same Explain on the GPU and on the CPU: the same predictions, probabilities and maps up to
+    float32 rounding (TF32 is off: ``surgery.devices.faithful``). The Space tests themselves run
+    with ``--device cpu`` (conftest's ``space_app``): on the CPU the flag changes nothing they check."""
+    from surgery.devices import faithful
+    from surgery.similarity import map_spearman
+
+    faithful(torch.device("cuda"))
     cpu = Session(families, cache_dir=tmp_path / "cpu", device="cpu").explain(FAMILY, image, "gradient")
-    for name, answer in default.variants.items():
-        other = cpu.variants[name]
-        assert torch.equal(answer.probabilities, other.probabilities), name
-        assert torch.equal(answer.gradcam, other.gradcam) and torch.equal(answer.saliency, other.saliency), name
-    assert default.comparisons == cpu.comparisons
+    gpu = Session(families, cache_dir=tmp_path / "cuda", device="cuda").explain(FAMILY, image, "gradient")
+    assert list(gpu.variants) == list(cpu.variants)
+    for name, answer in cpu.variants.items():
+        other = gpu.variants[name]
+        assert torch.equal(answer.probabilities.argmax(-1), other.probabilities.argmax(-1)), name
+        assert (answer.probabilities - other.probabilities).abs().max() <= 1e-4, name
+        for maps in ("gradcam", "saliency"):
+            a, b = getattr(answer, maps), getattr(other, maps)
+            assert float(map_spearman(a.reshape(1, *a.shape[-2:]), b.reshape(1, *b.shape[-2:]))[0]) >= 0.99, (name, maps)
 
 
-def test_move_readies_the_quantizer_kernels_of_an_int8_model(families):
+def test_move_readies_the_compiled_quantizer_kernels_of_an_int8_model(families):
+    """Where a C++ compiler and ninja are on the machine (CI installs them), NNCF's quantizers run its
+    compiled CPU extension, not its 1.5-8x slower torch fallback."""
+    require(compiler_missing())
     int8 = families[FAMILY].variants["int8"].model
     assert compression.quantizers(int8)
     move(int8, torch.device("cpu"))
-    assert compression.quantizer_backend("cpu") in ("compiled extension", "torch fallback")
+    assert compression.quantizer_backend("cpu") == "compiled extension"

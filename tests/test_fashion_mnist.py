@@ -3,6 +3,7 @@ training, and the Space's per-family examples and model's view."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 import time
@@ -14,26 +15,30 @@ import torch
 from PIL import Image
 
 from surgery import load_variant, read_config
-from surgery.data import build_dataset, fashion_mnist, offline_available
+from surgery.data import build_dataset, fashion_mnist, offline_available, photos
 from surgery.data.fashion_mnist import DEBIAN_ROOT, FASHION_MNIST_CLASSES, FashionMNISTFiles
 from surgery.images import decode_image, model_view
 from surgery.registry import build_from_architecture, build_model, get_family
 from training.cli import main as training_main
 
+from ci import fashion_mnist_missing, require
+from conftest import close_app
+
 FAMILY = get_family("resnet18-fashionmnist")
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-needs_debian = pytest.mark.skipif(not offline_available(FAMILY),
-                                  reason="needs `apt-get install dataset-fashion-mnist` (CI installs it)")
+# The missing-dataset message is promised within a second (bench/bench_failures.py measures
+# it); on a loaded machine the test only checks a bound that reading the data would break.
+LOADED_BOUND_S = 5.0
 
 
 @pytest.fixture(scope="module")
 def test_set() -> FashionMNISTFiles:
+    require(fashion_mnist_missing())  # CI installs it: there this fails, never skips
     return FashionMNISTFiles(train=False)
 
 
-@needs_debian
 def test_loader_reads_the_debian_files_in_place(test_set):
     train = build_dataset(FAMILY, "train")
     assert (len(train), len(test_set)) == (60_000, 10_000)
@@ -52,14 +57,23 @@ def test_loader_reads_the_debian_files_in_place(test_set):
 
 
 def test_offline_available_follows_the_contract(monkeypatch, tmp_path):
+    """Shapes always; Fashion-MNIST where Debian's files are; ImageNet families where the package
+    photos are installed (requirements.txt ships them: they fit and evaluate on those); CIFAR-10 never."""
     assert offline_available("resnet18-shapes") is True
-    assert offline_available("resnet18-cifar10") is False and offline_available("resnet50-imagenet") is False
+    assert offline_available("resnet18-cifar10") is False
     assert offline_available(FAMILY) == all((DEBIAN_ROOT / name).is_file() for name in FILES)
+    imagenet = ("resnet50-imagenet", "mobilenetv2-imagenet")
+    assert all(offline_available(f) is True for f in imagenet)
+    # One photo's package missing: ImageNet families need their data from --data-root again.
+    absent = dataclasses.replace(photos.PHOTOS[0], package="no_such_package_here")
+    monkeypatch.setattr(photos, "PHOTOS", (absent, *photos.PHOTOS[1:]))
+    assert not any(offline_available(f) for f in imagenet)
+    assert offline_available("resnet18-cifar10") is False
     monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path)
     assert offline_available(FAMILY) is False
 
 
-def test_missing_dataset_is_one_clear_message_within_a_second(tmp_path, caplog):
+def test_missing_dataset_is_one_clear_message_at_once(tmp_path, caplog):
     started = time.perf_counter()
     code = training_main(["fp32", "--family", FAMILY.name, "--out", str(tmp_path / "o"),
                           "--data-root", str(tmp_path / "nothing-here")])
@@ -68,7 +82,7 @@ def test_missing_dataset_is_one_clear_message_within_a_second(tmp_path, caplog):
     assert "apt-get install dataset-fashion-mnist" in caplog.text
     assert "--data-root" in caplog.text and "--download" in caplog.text
     assert "Traceback" not in caplog.text
-    assert elapsed < 1.0, f"the missing-dataset message took {elapsed:.2f} s"
+    assert elapsed < LOADED_BOUND_S, f"the missing-dataset message took {elapsed:.2f} s"
 
 
 def _copy_with_test_labels(root: Path, labels: bytes) -> Path:
@@ -81,9 +95,8 @@ def _copy_with_test_labels(root: Path, labels: bytes) -> Path:
     return root
 
 
-@needs_debian
 @pytest.mark.parametrize("damage", ["flipped compressed bytes", "valid gzip, one label changed"])
-def test_a_corrupted_file_is_refused_by_name(tmp_path, damage):
+def test_a_corrupted_file_is_refused_by_name(test_set, tmp_path, damage):
     original = (DEBIAN_ROOT / "t10k-labels-idx1-ubyte.gz").read_bytes()
     if damage == "flipped compressed bytes":
         data = bytearray(original)
@@ -126,8 +139,7 @@ def test_architecture_keeps_layer1_small_and_gradcam_maps_4x4():
     assert cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, torch.nn.Identity)
 
 
-@needs_debian
-def test_short_real_data_training_learns(tmp_path):
+def test_short_real_data_training_learns(test_set, tmp_path):
     """80 steps on 2,560 real training images, then all classes of 1,000 held-out ones."""
     out = tmp_path / "fp32"
     assert training_main(["fp32", "--family", FAMILY.name, "--out", str(out), "--train-samples", "2560",
@@ -139,26 +151,14 @@ def test_short_real_data_training_learns(tmp_path):
     assert set(metrics["per_class_top1"]) == set(FASHION_MNIST_CLASSES)
     model, config = load_variant(out)
     assert config["architecture"]["stem"]["stride"] == 2
-    test = FashionMNISTFiles(train=False)
-    images = torch.stack([test[i][0] for i in range(200)])
+    images = torch.stack([test_set[i][0] for i in range(200)])
     with torch.no_grad():
-        accuracy = (model(images).argmax(1) == test.targets[:200]).float().mean()
+        accuracy = (model(images).argmax(1) == test_set.targets[:200]).float().mean()
     assert accuracy >= 0.6  # the saved model, reloaded, still classifies
     shutil.rmtree(out)
 
 
 # --- the Space with this family beside shapes --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_fashion_zoo(tmp_path_factory) -> Path:
-    """fp32, int8, sparse90 of this family after 2 steps a stage: real formats, untrained."""
-    if not offline_available(FAMILY):
-        pytest.skip("needs `apt-get install dataset-fashion-mnist` (CI installs it)")
-    out = tmp_path_factory.mktemp("tiny-fashion") / FAMILY.name
-    assert training_main(["zoo", "--family", FAMILY.name, "--out", str(out), "--train-samples", "256",
-                          "--eval-samples", "64", "--max-steps", "2"]) == 0
-    return out
-
 
 def test_model_card_names_the_dataset_licence_anchor_and_per_class_accuracy(tiny_fashion_zoo):
     from hub_export.card import model_card
@@ -186,7 +186,7 @@ def two_family_app(tiny_zoo, tiny_fashion_zoo, tmp_path_factory):
                                "--feature-steps", "8"])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch)
     yield demo
-    demo.close()
+    close_app(demo)
 
 
 @pytest.fixture(scope="module")

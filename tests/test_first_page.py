@@ -16,6 +16,7 @@ import pytest
 from gradio import Error
 from PIL import Image
 
+from conftest import close_app
 from space.app import create_app
 from space.zoo_source import DEFAULT_BUILD, DEFAULT_FAMILIES, BuildOptions
 from surgery.data import offline_available
@@ -72,4 +73,4 @@ def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, mon
     finally:
         for build in session.builds.values():
             build.stop()
-        demo.close()
+        close_app(demo)

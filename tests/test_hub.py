@@ -1,4 +1,4 @@
-"""Hub export, push and pull, against Hub servers on 127.0.0.1 that the tests start.
+"""Hub export, push and pull, against the session's Hub servers on 127.0.0.1 (conftest: fixture ``hub``).
 
 Pushes go to :class:`HubStandIn` (the Hub's write API, storing commits as git repositories), pulls
 come from ``olah`` serving those repositories over the real download protocol, behind a proxy that
@@ -9,75 +9,51 @@ counts requests. Whatever talks to a Hub runs in a subprocess, because ``hugging
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from hub_servers import HubStandIn, Olah, closed_endpoint, git, silent_endpoint
+from hub_servers import ORG, PULL_DEADLINE_S, TOKEN, closed_endpoint, git, silent_endpoint
+from hub_servers import run_client as client
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_stand_in_write_token"
-ORG = "test-org"
 PRIVATE = f"{ORG}/private"  # pushed with --private to branch "dev" only
 FORMAT_FILES = {"config.json", "model.safetensors"}
 UPLOADED = {*FORMAT_FILES, "README.md"}
-FAILURE_LIMIT_S = 5.0
-
-
-def client(ops: list[dict], *, endpoint: str, home: Path, token: str | None = None,
-           offline: bool = False) -> list[dict]:
-    """``hub_servers.client(ops)`` in a fresh process whose Hub environment is its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env |= {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    if token:
-        env["HF_TOKEN"] = token
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("hub_servers.py")), json.dumps(ops)],
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+# The promise is an error within 5 s of the call (bench/bench_failures.py measures it, one client at a
+# time). Here four clients run side by side on a shared machine: the test checks the bound that
+# only an unbounded wait breaks (the client's own retries take 20 s and more). A Hub that never
+# answers fails at the first request's deadline (set here to 2 s, below the library's 3 s default).
+FAILURE_DEADLINE_S = "2"
+LOADED_BOUND_S = 15.0
 
 
 def pull_ops(pushed: dict[str, Path]) -> list[dict]:
     return [{"op": "pull", "repo": repo, "local": str(local)} for repo, local in pushed.items()]
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    with HubStandIn(root / "mirrors", TOKEN) as stand_in, Olah(root / "mirrors", root) as olah:
-        yield SimpleNamespace(stand_in=stand_in, olah=olah)
-
-
 LEGACY = f"{ORG}/legacy-int8"  # an INT8 checkpoint in the format main wrote before the ladder
 
 
 @pytest.fixture(scope="module")
-def pushed(hub, ladder_zoo, tmp_path_factory) -> dict[str, Path]:
-    """``push-zoo`` of the ladder zoo; its FP32 again to the same repo, and to a branch of a private
-    repo; a legacy kind-``int8`` checkpoint to a repo of its own.
+def pushed(hub, untrained_zoo, tmp_path_factory) -> dict[str, Path]:
+    """The session's ``push-zoo`` of the ladder zoo (conftest's ``hub``); here its FP32 again to the
+    same repo, and to a branch of a private repo; a legacy kind-``int8`` checkpoint to a repo of its own.
 
     Returns repo id -> local checkpoint, for the zoo's repos and the legacy one.
     """
     from test_ladder import make_legacy_int8
 
-    fp32 = str(ladder_zoo / "fp32")
-    legacy = make_legacy_int8(ladder_zoo / "int8", tmp_path_factory.mktemp("legacy") / "int8")
-    pushes = client([{"op": "cli", "args": ["push-zoo", str(ladder_zoo), "--org", ORG]},
-                     {"op": "cli", "args": ["push", fp32, "--repo-id", f"{ORG}/resnet18-shapes-fp32"]},
+    fp32 = str(untrained_zoo / "fp32")
+    legacy = make_legacy_int8(untrained_zoo / "int8", tmp_path_factory.mktemp("legacy") / "int8")
+    pushes = client([{"op": "cli", "args": ["push", fp32, "--repo-id", f"{ORG}/resnet18-shapes-fp32"]},
                      {"op": "cli", "args": ["push", fp32, "--repo-id", PRIVATE, "--private", "--revision", "dev"]},
                      {"op": "cli", "args": ["push", str(legacy), "--repo-id", LEGACY]}],
                     endpoint=hub.stand_in.url, home=tmp_path_factory.mktemp("push_home"), token=TOKEN)
-    assert [p["exit"] for p in pushes] == [0, 0, 0, 0], pushes
+    assert [p["exit"] for p in pushes] == [0, 0, 0], pushes
     repos = {}
-    for variant in sorted(ladder_zoo.iterdir()):
+    for variant in sorted(untrained_zoo.iterdir()):
         if (variant / "config.json").is_file():
             config = json.loads((variant / "config.json").read_text())
             repos[f"{ORG}/{config['family']}-{config['variant']}"] = variant
@@ -85,10 +61,10 @@ def pushed(hub, ladder_zoo, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def first_pull(hub, pushed, ladder_zoo, tmp_path_factory):
+def first_pull(hub, pushed, untrained_zoo, tmp_path_factory):
     """Every pushed repo pulled by id into an empty cache (and the branch), plus the model cards."""
     home = tmp_path_factory.mktemp("pull_home")
-    branch = {"op": "pull", "repo": PRIVATE, "revision": "dev", "local": str(ladder_zoo / "fp32")}
+    branch = {"op": "pull", "repo": PRIVATE, "revision": "dev", "local": str(untrained_zoo / "fp32")}
     results = client(pull_ops(pushed) + [branch] + [{"op": "card", "repo": repo} for repo in pushed],
                      endpoint=hub.olah.url, home=home)
     n = len(pushed)
@@ -110,10 +86,10 @@ def test_pushing_the_same_variant_again_changes_nothing(hub, pushed):
     assert git(repo, "rev-list", "--count", "main") == "2"  # the repo's first commit, and one upload
 
 
-def test_push_uploads_exactly_the_dry_run_folder(hub, pushed, ladder_zoo, tmp_path):
+def test_push_uploads_exactly_the_dry_run_folder(hub, pushed, untrained_zoo, tmp_path):
     from hub_export.cli import main
 
-    assert main(["push-zoo", str(ladder_zoo), "--org", ORG, "--dry-run", str(tmp_path)]) == 0
+    assert main(["push-zoo", str(untrained_zoo), "--org", ORG, "--dry-run", str(tmp_path)]) == 0
     for repo, local in pushed.items():
         if repo == LEGACY:
             continue
@@ -145,9 +121,14 @@ def test_pull_by_repo_id_matches_local_checkpoint(first_pull, pushed):
             "only the files of the format are downloaded"
 
 
+def _again(pushed: dict[str, Path]) -> dict[str, Path]:
+    """Repos pulled a second time: one of each kind (every repo was pulled once, by first_pull)."""
+    return {f"{ORG}/resnet18-shapes-{v}": pushed[f"{ORG}/resnet18-shapes-{v}"] for v in ("fp32", "int4", "sparse90")}
+
+
 def test_second_pull_makes_no_file_requests(hub, pushed, first_pull):
     before = len(hub.olah.proxy.requests)
-    results = client(pull_ops(pushed), endpoint=hub.olah.url, home=first_pull.home)
+    results = client(pull_ops(_again(pushed)), endpoint=hub.olah.url, home=first_pull.home)
     during = hub.olah.proxy.requests[before:]
     assert all(r["max_abs_diff"] <= 1e-6 for r in results)
     assert any("/revision/" in path for _, path in during), "the second pull still checks the revision online"
@@ -156,13 +137,13 @@ def test_second_pull_makes_no_file_requests(hub, pushed, first_pull):
 
 def test_offline_pull_uses_the_cache_and_nothing_else(hub, pushed, first_pull):
     before = len(hub.olah.proxy.requests)
-    results = client(pull_ops(pushed) + [{"op": "fail", "repo": f"{ORG}/never-pulled"}],
+    results = client(pull_ops(_again(pushed)) + [{"op": "fail", "repo": f"{ORG}/never-pulled"}],
                      endpoint=hub.olah.url, home=first_pull.home, offline=True)
     assert all(r["max_abs_diff"] <= 1e-6 for r in results[:-1])
     assert hub.olah.proxy.requests[before:] == []
     failure = results[-1]
     assert failure["error"] == "HubError" and f"{ORG}/never-pulled" in failure["message"]
-    assert "HF_HUB_OFFLINE" in failure["message"] and failure["seconds"] < FAILURE_LIMIT_S
+    assert "HF_HUB_OFFLINE" in failure["message"] and failure["seconds"] < LOADED_BOUND_S
 
 
 def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
@@ -203,23 +184,10 @@ def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
             assert f"{comp['achieved_sparsity']:.2%} |" in card["text"]
 
 
-def test_stage_refuses_a_tampered_checkpoint(ladder_zoo, tmp_path):
-    from hub_export import stage
-    from surgery.checkpoint import CheckpointError
-
-    copy = shutil.copytree(ladder_zoo / "fp32", tmp_path / "fp32")
-    with open(copy / "model.safetensors", "r+b") as f:
-        f.seek(-16, os.SEEK_END)
-        f.write(b"\0" * 16)
-    with pytest.raises(CheckpointError, match="SHA-256"):
-        stage(copy, f"{ORG}/tampered", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.fixture(scope="module")
-def failures(hub, pushed, ladder_zoo, tmp_path_factory) -> dict[str, dict]:
+def failures(hub, pushed, untrained_zoo, tmp_path_factory) -> dict[str, dict]:
     """Each failure case, pulled in fresh processes (one per Hub) that run side by side."""
-    stand_in, fp32 = hub.stand_in, ladder_zoo / "fp32"
+    stand_in, fp32 = hub.stand_in, untrained_zoo / "fp32"
     stand_in.add_repo(f"{ORG}/pickled", {"pytorch_model.bin": b"\x80\x04pickle", "config.json": b"{}"})
     stand_in.add_repo(f"{ORG}/no-weights", {"config.json": (fp32 / "config.json").read_bytes()})
     stand_in.add_repo(f"{ORG}/gated", {name: (fp32 / name).read_bytes() for name in FORMAT_FILES}, gated=True)
@@ -246,9 +214,12 @@ def failures(hub, pushed, ladder_zoo, tmp_path_factory) -> dict[str, dict]:
         ops = {url: [{"op": "fail", "repo": cases[n][0], "revision": cases[n][1]} for n in names]
                for url, names in groups.items()}
         ops[stand_in.url].append(no_token_push)
+        # The servers that answer get the pulls' generous deadline (a slow answer is still an answer);
+        # the two that never answer show the default one at work.
+        deadlines = {hub.olah.url: PULL_DEADLINE_S, stand_in.url: PULL_DEADLINE_S}
         with ThreadPoolExecutor(len(groups)) as pool:
-            futures = {url: pool.submit(client, ops[url], endpoint=url, home=tmp_path_factory.mktemp("fail_home"))
-                       for url in groups}
+            futures = {url: pool.submit(client, ops[url], endpoint=url, home=tmp_path_factory.mktemp("fail_home"),
+                                        deadline=deadlines.get(url, FAILURE_DEADLINE_S)) for url in groups}
             results = {url: future.result() for url, future in futures.items()}
     out = {name: result for url, names in groups.items() for name, result in zip(names, results[url])}
     out["push without token"] = results[stand_in.url][-1]
@@ -266,13 +237,28 @@ def failures(hub, pushed, ladder_zoo, tmp_path_factory) -> dict[str, dict]:
     ("unreachable", "resnet18-shapes-fp32", ["cannot reach the Hub", "not in the local cache"]),
     ("no answer", "resnet18-shapes-fp32", ["cannot reach the Hub", "not in the local cache"]),
 ])
-def test_failure_is_one_clear_error_within_5_seconds(failures, case, repo, words):
+def test_failure_is_one_clear_error_in_bounded_time(failures, case, repo, words):
     result = failures[case]
     assert result["error"] == "HubError", result
     assert f"{ORG}/{repo}" in result["message"]
     for word in words:
         assert word in result["message"]
-    assert result["seconds"] < FAILURE_LIMIT_S
+    assert result["seconds"] < LOADED_BOUND_S
+    if case == "no answer":  # what ended the wait is the deadline set for that client
+        assert result["seconds"] >= float(FAILURE_DEADLINE_S)
+
+
+def test_the_first_request_deadline_is_a_setting(monkeypatch):
+    from surgery.hub import DEADLINE_ENV, HubError, metadata_deadline
+
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    assert metadata_deadline() == 3.0
+    monkeypatch.setenv(DEADLINE_ENV, "45")
+    assert metadata_deadline() == 45.0
+    for bad in ("soon", "0", "-1"):
+        monkeypatch.setenv(DEADLINE_ENV, bad)
+        with pytest.raises(HubError, match=DEADLINE_ENV):
+            metadata_deadline()
 
 
 def test_invalid_repo_id_is_refused_before_any_request():

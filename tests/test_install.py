@@ -1,13 +1,13 @@
 """The package as a stranger gets it: ``pip install`` into a fresh virtual environment, then use it
 from a directory outside the checkout.
 
-One session fixture builds the environment (``python3.11 -m venv`` + ``pip install`` of a copy of
-the checkout: torch comes from the local wheel cache; about a minute, the slow part of this file,
-its time printed) and every test reuses it. A local path install stands in for the
+The environment (``python3.11 -m venv`` + ``pip install`` of a copy of the checkout: torch comes from
+the local wheel cache) is one of the session's builds (``tests/builds.py``): made in a background
+thread while the zoos train, its time printed with theirs. A local path install stands in for the
 ``git+https://github.com/...`` URL of the model card's install command: the Hub cannot be reached
 here, and neither can GitHub; the test runs the card's command with only that URL replaced.
-Hub repos come from the local Hub servers of ``tests/hub_servers.py`` (pushes to the stand-in,
-pulls through ``olah``).
+Hub repos come from the session's local Hub servers (conftest's ``hub``: the untrained zoo pushed
+with ``push-zoo``, pulled through ``olah``).
 """
 
 from __future__ import annotations
@@ -15,33 +15,24 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import re
-import shutil
 import subprocess
-import sys
-import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from packaging.requirements import Requirement
 
-from hub_servers import HubStandIn, Olah
+from builds import clean_env as _clean_env
+from hub_servers import ORG, PULL_DEADLINE_S
 from surgery.project import DISTRIBUTION, INSTALL_COMMAND, PROJECT_URL, REPOSITORY
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_stand_in_write_token"
-ORG = "install-org"
 FAMILY = "resnet18-shapes"
 INT8_REPO = f"{ORG}/{FAMILY}-int8"
-# What a clone would not hold, or what is this machine's own: left out of the copy that is installed.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "build", "dist", "*.egg-info", "zoo",
-                                    "runs", "artifacts", ".gradio", ".pytest_cache")
 
 
 def _run(command: list[str] | str, *, cwd: Path, env: dict | None = None, timeout: float = 900,
@@ -49,44 +40,9 @@ def _run(command: list[str] | str, *, cwd: Path, env: dict | None = None, timeou
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, shell=shell)
 
 
-def _clean_env(venv: Path, **extra: str) -> dict:
-    """An environment that knows nothing of the checkout: no PYTHONPATH, the venv first on PATH.
-
-    NNCF's compiled extension gets a directory of its own: torch keys the build by its compiler
-    flags, which name the venv's include paths, so sharing the default one with another venv would
-    recompile it (~30 s) at every switch between them, here and in every other process on the machine.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "VIRTUAL_ENV"))}
-    env |= {"PATH": f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", "VIRTUAL_ENV": str(venv),
-            "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "TORCH_EXTENSIONS_DIR": str(venv.parent / "torch-extensions")}
-    return env | extra
-
-
-@pytest.fixture(scope="session")
-def installed(tmp_path_factory, request) -> SimpleNamespace:
-    """A fresh venv with ``pip install`` of a copy of the checkout (no extras); a directory outside both."""
-    root = tmp_path_factory.mktemp("install")
-    source = root / "checkout"
-    shutil.copytree(REPO_ROOT, source, ignore=NOT_SOURCE)
-    venv = root / "venv"
-    started = time.perf_counter()
-    done = _run([shutil.which("python3.11") or "python3.11", "-m", "venv", str(venv)], cwd=root)
-    assert done.returncode == 0, done.stderr
-    done = _run([str(venv / "bin" / "pip"), "install", "-q", str(source)], cwd=root, env=_clean_env(venv))
-    assert done.returncode == 0, done.stderr[-4000:]
-    seconds = time.perf_counter() - started
-    message = f"fresh venv + pip install of the checkout: {seconds:.0f} s"
-    logger.info(message)
-    plugins = request.config.pluginmanager
-    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # shown even when the test passes
-            reporter.write_line(f"\n[test_install] {message}")
-    outside = root / "elsewhere"
-    outside.mkdir()
-    return SimpleNamespace(venv=venv, python=str(venv / "bin" / "python"), source=source, outside=outside,
-                           seconds=seconds)
+def _hub_env(hub) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.olah.url, "HF_HOME": str(hub.root / "install-pull-home"),
+            "SURGERY_HUB_DEADLINE_S": PULL_DEADLINE_S}
 
 
 def run_outside(installed, code: str, **env: str) -> subprocess.CompletedProcess:
@@ -97,20 +53,6 @@ def run_outside(installed, code: str, **env: str) -> subprocess.CompletedProcess
 def last_json(done: subprocess.CompletedProcess):
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def hub(tiny_zoo, tmp_path_factory):
-    """The tiny zoo pushed with ``push-zoo`` to the stand-in; pulls go through olah. Yields the servers."""
-    root = tmp_path_factory.mktemp("install-hub")
-    with HubStandIn(root / "mirrors", TOKEN) as stand_in, Olah(root / "mirrors", root) as olah:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        env |= {"HF_ENDPOINT": stand_in.url, "HF_HOME": str(root / "push-home"), "HF_TOKEN": TOKEN,
-                "PYTHONPATH": str(REPO_ROOT)}
-        done = _run([sys.executable, "-m", "hub_export", "push-zoo", str(tiny_zoo), "--org", ORG],
-                    cwd=REPO_ROOT, env=env)
-        assert done.returncode == 0, done.stderr[-4000:]
-        yield SimpleNamespace(stand_in=stand_in, olah=olah, home=root / "pull-home")
 
 
 def _logits(directory: Path, size: int = 64) -> list[list[float]]:
@@ -176,6 +118,7 @@ def test_pyproject_pins_agree_with_requirements_txt():
 
 # -- the installed package, from outside the checkout ----------------------------------------------
 
+@pytest.mark.e2e  # a fresh venv and pip install
 def test_install_holds_surgery_and_its_tools_but_not_the_space_dependencies(installed):
     done = run_outside(installed, """
 import importlib.util, json, surgery, study.page
@@ -188,6 +131,7 @@ print(json.dumps({"surgery": surgery.__file__, "template": study.page._TEMPLATE.
     assert found["missing"] == [], f"a plain install brought {found['missing']}"
 
 
+@pytest.mark.e2e  # a fresh venv and pip install
 def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo):
     result = last_json(run_outside(installed, PROBE.format(source=str(tiny_zoo / "int8"))))
     assert (result["kind"], result["variant"]) == ("quantized", "int8")
@@ -196,12 +140,7 @@ def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo)
     assert result["gradcam"] == [2, 64, 64] and result["actmax"] == [1, 3, 64, 64]
 
 
-def test_load_variant_by_repo_id_from_the_local_hub(installed, hub, tiny_zoo):
-    result = last_json(run_outside(installed, PROBE.format(source=INT8_REPO), HF_ENDPOINT=hub.olah.url,
-                                   HF_HOME=str(hub.home)))
-    assert (result["kind"], result["variant"]) == ("quantized", "int8") and close(result["logits"], _logits(tiny_zoo / "int8"))
-
-
+@pytest.mark.e2e  # a fresh venv and pip install
 def test_console_scripts(installed, tmp_path):
     bin_ = installed.venv / "bin"
     tools = ("surgery-train", "surgery-hub", "surgery-report", "surgery-study")
@@ -222,7 +161,10 @@ def test_console_scripts(installed, tmp_path):
         "without the [space] extra the Space must name the extra it needs"
 
 
-def test_torch_hub_load_returns_a_variant_from_a_checkout(installed, hub, tiny_zoo):
+@pytest.mark.e2e  # a fresh venv and pip install
+def test_torch_hub_load_returns_a_variant_by_repo_id_from_a_checkout(installed, hub, tiny_zoo):
+    """``torch.hub.load`` with ``source="local"`` and a Hub repo id: the checkout's hubconf.py, the
+    installed package, a pull from the local Hub; a local directory as repo_id is what the probe above loads."""
     code = """
 import json, torch
 model, config = torch.hub.load({checkout!r}, "variant", source="local", repo_id={repo!r})
@@ -231,12 +173,10 @@ with torch.no_grad():
     print(json.dumps({{"logits": model(x).tolist(), "kind": config["kind"], "variant": config["variant"],
                   "training": model.training}}))
 """
-    expected = _logits(tiny_zoo / "int8")
-    for repo in (str(tiny_zoo / "int8"), INT8_REPO):
-        result = last_json(run_outside(installed, code.format(checkout=str(installed.source), repo=repo),
-                                       HF_ENDPOINT=hub.olah.url, HF_HOME=str(hub.home)))
-        assert (result["kind"], result["variant"]) == ("quantized", "int8"), repo
-        assert not result["training"] and close(result["logits"], expected), repo
+    result = last_json(run_outside(installed, code.format(checkout=str(installed.source), repo=INT8_REPO),
+                                   **_hub_env(hub)))
+    assert (result["kind"], result["variant"]) == ("quantized", "int8")
+    assert not result["training"] and close(result["logits"], _logits(tiny_zoo / "int8"))
 
 
 # -- the model card, verbatim ------------------------------------------------------------------------
@@ -248,6 +188,7 @@ def _how_to_load(readme: str) -> tuple[str, str]:
     return blocks[0][1].strip(), blocks[1][1]
 
 
+@pytest.mark.e2e  # a fresh venv and pip install
 def test_the_model_card_code_runs_verbatim_after_its_install_command(installed, hub, tiny_zoo):
     readme = hub.stand_in.repos.files(INT8_REPO)["README.md"].decode()  # the card as pushed
     install, code = _how_to_load(readme)
@@ -258,14 +199,14 @@ def test_the_model_card_code_runs_verbatim_after_its_install_command(installed, 
     assert done.returncode == 0, done.stderr[-4000:]
     script = installed.outside / "card.py"
     script.write_text(code)
-    done = _run([installed.python, str(script)], cwd=installed.outside,
-                env=_clean_env(installed.venv, HF_ENDPOINT=hub.olah.url, HF_HOME=str(hub.home)))
+    done = _run([installed.python, str(script)], cwd=installed.outside, env=_clean_env(installed.venv, **_hub_env(hub)))
     assert done.returncode == 0, done.stderr[-4000:]
     printed = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     class_names = json.loads((tiny_zoo / "int8" / "config.json").read_text())["class_names"]
     assert len(printed) == 2 and set(printed) <= set(class_names), printed
 
 
+@pytest.mark.e2e  # a fresh venv and pip install
 def test_editable_install_imports_from_the_checkout(installed):
     """Last: it replaces the regular install in the shared venv."""
     done = _run([str(installed.venv / "bin" / "pip"), "install", "-q", "-e", str(installed.source)],

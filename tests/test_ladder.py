@@ -1,8 +1,9 @@
 """The compression ladder: real bit widths, real zeros, exact reloads, the legacy INT8 kind, tampering.
 
-Runs on ``ladder_zoo`` (conftest): every rung of ``surgery.variants.LADDER`` built by the real CLI
+Runs on ``untrained_zoo`` (conftest): every rung of ``surgery.variants.LADDER`` built by the real CLI
 after two training steps per stage, so the formats, bit widths and sparsity levels are real while
-the accuracy is not.
+the accuracy is not. The reload test compares with the models as the training code saved them
+(``saved_outputs``, recorded during that build): nothing is trained again.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class _Traced(dict):
 
 
 @pytest.fixture(scope="module")
-def traced(ladder_zoo) -> _Traced:
-    return _Traced(ladder_zoo)
+def traced(untrained_zoo) -> _Traced:
+    return _Traced(untrained_zoo)
 
 
 @pytest.mark.parametrize("variant", QUANTIZED)
@@ -108,36 +109,51 @@ def test_activations_take_at_most_2_to_the_b_levels(traced, variant):
 
 
 @pytest.mark.parametrize("variant", SPARSE)
-def test_sparse_file_stores_its_target_fraction_of_zeros(ladder_zoo, variant):
+def test_sparse_file_stores_its_target_fraction_of_zeros(untrained_zoo, variant):
     target = parse_variant(variant).sparsity
     zeros = total = 0
-    with safetensors.safe_open(str(ladder_zoo / variant / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():
+    with safetensors.safe_open(str(untrained_zoo / variant / WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        for key in keys:
             t = f.get_tensor(key)
             if key.endswith("weight") and t.dim() in (2, 4):  # conv kernels and the fc matrix
                 zeros, total = zeros + int((t == 0).sum()), total + t.numel()
-    assert zeros >= math.floor(target * total)
-    comp = read_config(ladder_zoo / variant)["compression"]
+    assert zeros >= math.floor(target * total)  # the target, rounded down to whole weights
+    assert not any("nncf" in k for k in keys), "masks are baked into the weights, not stored beside them"
+    comp = read_config(untrained_zoo / variant)["compression"]
     assert comp["target_sparsity"] == target and comp["achieved_sparsity"] == pytest.approx(zeros / total, abs=1e-12)
 
 
 @pytest.mark.parametrize("variant", ["fp32", *LADDER, "fp32-seed1"])
-def test_reload_reproduces_what_training_measured(ladder_zoo, variant):
-    """The reloaded model predicts the held-out set exactly as the trained one did when it was saved."""
-    model, config = load_variant(ladder_zoo / variant)
+def test_reload_gives_the_model_that_training_saved(untrained_zoo, saved_outputs, probe_images, variant):
+    """Reloaded, each variant computes what the training code's own model computed when it was saved
+    (max abs difference <= 1e-6), with the same bit widths and levels, and predicts the held-out set
+    exactly as the metrics saved with it say."""
+    directory = untrained_zoo / variant
+    model, config = load_variant(directory)
+    saved = saved_outputs[variant]
+    assert sorted(p.name for p in directory.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert config["variant"] == variant and not model.training
+    with torch.no_grad(), compression.forward_lock(model):
+        assert (model(probe_images) - saved["logits"]).abs().max().item() <= 1e-6
+    widths = compression.bit_widths(model)
+    assert widths == saved["bit_widths"]
+    levels = {n: q.levels for n, q in compression.named_quantizers(model).items()}
+    assert levels == saved["levels"] and all(levels[n] <= 2 ** b for n, b in widths.items())
+    if config["kind"] == "quantized":
+        assert widths == {n: r["bits"] for n, r in config["compression"]["quantizers"].items()}
+
     family = get_family("resnet18-shapes")
     eval_set = build_dataset(family, "eval", None, samples=config["metrics"]["eval_samples"])
     logits, labels = predict(model, eval_set, torch.device("cpu"))
     reference = None
     if "agreement_with_fp32" in config["metrics"]:
-        fp32, _ = load_variant(ladder_zoo / "fp32")
+        fp32, _ = load_variant(untrained_zoo / "fp32")
         reference = predict(fp32, eval_set, torch.device("cpu"))[0].argmax(1)
     fresh = accuracy_metrics(logits, labels, family.class_names, reference)
     for key in ("top1", "top5", "agreement_with_fp32"):
         if key in config["metrics"]:
             assert fresh[key] == config["metrics"][key], key
-    if config["kind"] == "quantized":
-        assert compression.bit_widths(model) == {n: r["bits"] for n, r in config["compression"]["quantizers"].items()}
 
 
 # --- the former kind "int8" ------------------------------------------------------------------------
@@ -156,15 +172,15 @@ def make_legacy_int8(new_int8: Path, out: Path) -> Path:
     return out
 
 
-def test_legacy_int8_checkpoint_loads_as_8_bit_quantized(ladder_zoo, tmp_path):
-    legacy = make_legacy_int8(ladder_zoo / "int8", tmp_path / "int8")
+def test_legacy_int8_checkpoint_loads_as_8_bit_quantized(untrained_zoo, tmp_path):
+    legacy = make_legacy_int8(untrained_zoo / "int8", tmp_path / "int8")
     model, config = load_variant(legacy)
     assert config["kind"] == "quantized" and config["variant"] == "int8"
     assert config["compression"]["legacy_kind"] == "int8"
     assert (config["compression"]["weight_bits"], config["compression"]["activation_bits"]) == (8, 8)
     widths = compression.bit_widths(model)
     assert len(widths) > 20 and set(widths.values()) == {8}
-    current, _ = load_variant(ladder_zoo / "int8")
+    current, _ = load_variant(untrained_zoo / "int8")
     x = _images(4)
     with torch.no_grad():
         assert (model(x) - current(x)).abs().max().item() <= 1e-6
@@ -173,24 +189,24 @@ def test_legacy_int8_checkpoint_loads_as_8_bit_quantized(ladder_zoo, tmp_path):
 # --- tampering -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def int4_copy(ladder_zoo, tmp_path) -> Path:
-    return Path(shutil.copytree(ladder_zoo / "int4", tmp_path / "int4"))
+def int4_copy(untrained_zoo, tmp_path) -> Path:
+    return Path(shutil.copytree(untrained_zoo / "int4", tmp_path / "int4"))
 
 
-def _edit_config(directory: Path, edit) -> None:
+def edit_config(directory: Path, edit) -> None:
     config = json.loads((directory / CONFIG_FILE).read_text())
     edit(config)
     (directory / CONFIG_FILE).write_text(json.dumps(config))
 
 
-def _edit_weights(directory: Path, edit) -> None:
+def edit_weights(directory: Path, edit) -> None:
     """Rewrite the weights file and fix the hash the config records, as a careful forger would."""
     path = directory / WEIGHTS_FILE
     with safetensors.safe_open(str(path), "pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors, metadata = edit(tensors, metadata)
     safetensors.torch.save_file(tensors, path, metadata=metadata)
-    _edit_config(directory, lambda c: c["weights"].update(sha256=sha256_file(path)))
+    edit_config(directory, lambda c: c["weights"].update(sha256=sha256_file(path)))
 
 
 def _a_4_bit_weight_quantizer(directory: Path) -> str:
@@ -200,13 +216,13 @@ def _a_4_bit_weight_quantizer(directory: Path) -> str:
 
 def test_refuses_recorded_bit_width_that_the_model_does_not_have(int4_copy):
     name = _a_4_bit_weight_quantizer(int4_copy)
-    _edit_config(int4_copy, lambda c: c["compression"]["quantizers"][name].update(bits=8))
+    edit_config(int4_copy, lambda c: c["compression"]["quantizers"][name].update(bits=8))
     with pytest.raises(CheckpointError, match=r"config\.json: recorded bit widths disagree.*recorded 8, restored 4"):
         load_variant(int4_copy)
 
 
 def test_refuses_variant_widths_that_disagree_with_the_quantizers(int4_copy):
-    _edit_config(int4_copy, lambda c: c["compression"].update(weight_bits=8))
+    edit_config(int4_copy, lambda c: c["compression"].update(weight_bits=8))
     with pytest.raises(CheckpointError, match="the variant's widths say 8"):
         load_variant(int4_copy)
 
@@ -218,7 +234,7 @@ def test_refuses_weights_whose_bit_widths_disagree_with_nncf_config(int4_copy):
         tensors[f"__nncf_hooks.{name}._num_bits"] = torch.tensor([8], dtype=torch.int32)
         return tensors, metadata
 
-    _edit_weights(int4_copy, to_8_bits)
+    edit_weights(int4_copy, to_8_bits)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: quantizer .*8 bits in the weights, 4 in NNCF"):
         load_variant(int4_copy)
 
@@ -235,13 +251,13 @@ def test_refuses_consistent_weights_and_nncf_config_against_the_recorded_widths(
                 entry["module_config"]["num_bits"] = 8
         return tensors, {**metadata, "nncf_config": json.dumps(nncf_config)}
 
-    _edit_weights(int4_copy, to_8_bits)
+    edit_weights(int4_copy, to_8_bits)
     with pytest.raises(CheckpointError, match="recorded bit widths disagree"):
         load_variant(int4_copy)
 
 
-def test_refuses_recorded_sparsity_that_the_weights_do_not_have(ladder_zoo, tmp_path):
-    d = Path(shutil.copytree(ladder_zoo / "sparse98", tmp_path / "sparse98"))
-    _edit_config(d, lambda c: c["compression"].update(achieved_sparsity=0.99))
+def test_refuses_recorded_sparsity_that_the_weights_do_not_have(untrained_zoo, tmp_path):
+    d = Path(shutil.copytree(untrained_zoo / "sparse98", tmp_path / "sparse98"))
+    edit_config(d, lambda c: c["compression"].update(achieved_sparsity=0.99))
     with pytest.raises(CheckpointError, match="records 0.99 sparsity"):
         load_variant(d)

@@ -82,15 +82,18 @@ def test_deletion_and_insertion_reward_the_map_that_finds_the_evidence():
 
 
 def test_fp32_gradcam_peak_falls_inside_the_object_on_held_out_shapes(shapes_zoo):
-    """Issue 4: on the shapes family, the FP32 GradCAM peak lies strictly inside the object mask
-    on >= 80% of held-out images."""
+    """Issue 4: on the shapes family, the FP32 GradCAM peak lies strictly inside the object mask on
+    at least 80% of held-out images; here on 1,000 of them. Measured with the shapes recipe of 640
+    steps (README), seeds 0/1/2: 0.869/0.860/0.896 where FP32 trains under bfloat16 autocast (Xeon
+    with AMX), 0.898/0.870/0.890 where it trains in FP32 (the same CPU limited to AVX2); the lowest
+    sits 5 standard errors above the floor."""
     model, config = surgery.load_variant(shapes_zoo / "fp32")
     family = surgery.get_family(config["family"])
-    ds = ShapesDataset(ShapesSpec("test", 200, family.input_size, config["recipe"].get("seed", 0)))
+    ds = ShapesDataset(ShapesSpec("test", 1000, family.input_size, config["recipe"].get("seed", 0)))
     images = ds.images.float() / 255
-    maps = torch.cat([gradcam(model, x, target=y) for x, y in zip(images.split(50), ds.labels.split(50))])
+    maps = torch.cat([gradcam(model, x, target=y) for x, y in zip(images.split(100), ds.labels.split(100))])
     scores = pointing_game(maps, ds.masks)
     hits = surgery.mean_ci(scores, seed=0)
-    per_class = {name: float(scores[ds.labels == c].mean()) for c, name in enumerate(ds.classes)}
+    per_class = {name: round(float(scores[ds.labels == c].mean()), 3) for c, name in enumerate(ds.classes)}
     logger.info("FP32 GradCAM pointing game %s; per class %s", hits, per_class)
     assert hits.value >= 0.8, f"pointing game {hits}; per class {per_class}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import subprocess
@@ -19,11 +18,11 @@ from PIL import Image
 
 from surgery import build_model, load_variant, read_config
 from surgery.checkpoint import WEIGHTS_FILE
-from surgery.data import ShapesDataset, ShapesSpec
+from surgery.data import ShapesDataset, ShapesSpec, build_dataset
 from surgery.registry import get_family
 from training import distributed
 from training.cli import main as training_main
-from training.loop import fit
+from training.loop import fit, predict
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # --- the real resnet18-shapes zoo -------------------------------------------------------------
 
+# Floors on the trained zoo, set from the zoo as each kind of CPU trains it (FP32 under bfloat16
+# autocast where the CPU has it, in FP32 elsewhere), with margin. Shapes recipe of 640 steps, seeds
+# 0/1/2: held-out top-1 of FP32 0.985/0.990/0.989 (bfloat16, Xeon with AMX) and 0.985/0.982/0.994
+# (the same CPU limited to AVX2); on 500 fresh images 0.978/0.984/0.984 and 0.982/0.974/0.980;
+# INT8's agreement with FP32 (seed 0) 0.996 and 0.998.
+FP32_TOP1_FLOOR, FRESH_TOP1_FLOOR, INT8_AGREEMENT_FLOOR = 0.96, 0.95, 0.98
+
+
 def test_zoo_meets_accuracy_targets(shapes_zoo):
-    top1 = {v: read_config(shapes_zoo / v)["metrics"]["top1"] for v in ("fp32", "int8", "sparse90")}
-    assert top1["fp32"] >= 0.92  # 94.2% measured with this recipe (README)
-    assert top1["int8"] >= top1["fp32"] - 0.01
-    assert top1["sparse90"] >= top1["fp32"] - 0.03
+    metrics = {v: read_config(shapes_zoo / v)["metrics"] for v in ("fp32", "int8", "sparse90")}
+    top1 = {v: m["top1"] for v, m in metrics.items()}
+    assert top1["fp32"] >= FP32_TOP1_FLOOR, top1  # 1,000 held-out images
+    assert top1["int8"] >= top1["fp32"] - 0.01, top1
+    assert top1["sparse90"] >= top1["fp32"] - 0.03, top1
+    assert metrics["int8"]["agreement_with_fp32"] >= INT8_AGREEMENT_FLOOR
 
 
 def test_seed_control_differs_only_in_its_seed(tiny_zoo):
@@ -47,47 +56,28 @@ def test_seed_control_differs_only_in_its_seed(tiny_zoo):
     assert a.keys() == b.keys() and not torch.equal(a["conv1.weight"], b["conv1.weight"])
 
 
-def test_zoo_sparse_file_is_90_percent_zeros(shapes_zoo):
-    tensors = safetensors.torch.load_file(shapes_zoo / "sparse90" / WEIGHTS_FILE)
-    weights = [t for k, t in tensors.items() if k.endswith("weight") and t.dim() in (2, 4)]
-    zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
-    assert zeros >= math.floor(0.9 * total)  # 90%, rounded down to whole weights
-
-
-def test_stored_metrics_are_reproduced_by_evaluate(shapes_zoo, tmp_path):
+def test_stored_metrics_are_reproduced_by_evaluate(untrained_zoo, tmp_path):
     """`evaluate` on the reloaded INT8 model reproduces the accuracy and agreement saved at training."""
     work = tmp_path / "int8"
     work.mkdir()
-    for f in (shapes_zoo / "int8").iterdir():
+    for f in (untrained_zoo / "int8").iterdir():
         (work / f.name).write_bytes(f.read_bytes())
     stored = read_config(work)["metrics"]
-    assert training_main(["evaluate", str(work), "--fp32", str(shapes_zoo / "fp32")]) == 0
+    eval_samples = ["--eval-samples", str(stored["eval_samples"])]
+    assert training_main(["evaluate", str(work), "--fp32", str(untrained_zoo / "fp32"), *eval_samples]) == 0
     fresh = read_config(work)["metrics"]
-    assert fresh["top1"] == pytest.approx(stored["top1"], abs=1e-9)
-    assert fresh["agreement_with_fp32"] == pytest.approx(stored["agreement_with_fp32"], abs=1e-9)
-    assert 0.9 < fresh["agreement_with_fp32"] <= 1.0
+    assert fresh["top1"] == stored["top1"] and fresh["agreement_with_fp32"] == stored["agreement_with_fp32"]
+    assert fresh["per_class_top1"] == stored["per_class_top1"]
     assert set(fresh["per_class_top1"]) == set(get_family("resnet18-shapes").class_names)
 
 
 def test_trained_model_really_classifies(shapes_zoo):
-    """Fresh images (another seed than training and evaluation) are classified."""
+    """500 fresh images (another seed than training and evaluation) are classified."""
     model, config = load_variant(shapes_zoo / "fp32")
-    fresh = ShapesDataset(ShapesSpec("val", 200, seed=7))
+    fresh = ShapesDataset(ShapesSpec("val", 500, seed=7))
     with torch.no_grad():
-        predictions = model(fresh.images.float() / 255).argmax(1)
-    assert (predictions == fresh.labels).float().mean() >= 0.9
-
-
-def test_ladder_meets_accuracy_targets(shapes_zoo):
-    """Issue 9's targets on a real ladder zoo: given with SURGERY_TEST_ZOO after
-    `python -m training zoo --family resnet18-shapes --ladder` (the suite's own zoo has no ladder)."""
-    missing = [v for v in ("int4", "w4a8", "sparse95") if not (shapes_zoo / v / "config.json").exists()]
-    if missing:
-        pytest.skip(f"{shapes_zoo} has no {', '.join(missing)}: build the ladder to check its targets")
-    top1 = {v: read_config(shapes_zoo / v)["metrics"]["top1"] for v in ("fp32", "int4", "w4a8", "sparse95")}
-    assert top1["int4"] >= top1["fp32"] - 0.02
-    assert top1["w4a8"] >= top1["fp32"] - 0.01
-    assert top1["sparse95"] >= top1["fp32"] - 0.05
+        predictions = torch.cat([model(x.float() / 255).argmax(1) for x in fresh.images.split(250)])
+    assert (predictions == fresh.labels).float().mean() >= FRESH_TOP1_FLOOR
 
 
 # --- the command line: any bit width, any sparsity, zoos of any variants ---------------------------
@@ -95,8 +85,8 @@ def test_ladder_meets_accuracy_targets(shapes_zoo):
 SMALL = ["--train-samples", "64", "--eval-samples", "16", "--epochs", "1", "--max-steps", "1"]
 
 
-def test_quantize_and_sparse_commands_name_their_variants(ladder_zoo, tmp_path):
-    fp32 = str(ladder_zoo / "fp32")
+def test_quantize_and_sparse_commands_name_their_variants(untrained_zoo, tmp_path):
+    fp32 = str(untrained_zoo / "fp32")
     assert training_main(["quantize", "--bits", "3", "--activation-bits", "8", "--fp32", fp32,
                           "--out", str(tmp_path / "a"), "--calibration-samples", "16", *SMALL]) == 0
     assert training_main(["int8", "--fp32", fp32, "--out", str(tmp_path / "b"), "--calibration-samples", "16",
@@ -108,8 +98,8 @@ def test_quantize_and_sparse_commands_name_their_variants(ladder_zoo, tmp_path):
     assert sparse98["variant"] == "sparse98" and sparse98["metrics"]["sparsity"] >= 0.98 - 1e-6
 
 
-def test_bad_bit_width_is_a_clear_error(ladder_zoo, tmp_path, caplog):
-    assert training_main(["quantize", "--bits", "1", "--fp32", str(ladder_zoo / "fp32"),
+def test_bad_bit_width_is_a_clear_error(untrained_zoo, tmp_path, caplog):
+    assert training_main(["quantize", "--bits", "1", "--fp32", str(untrained_zoo / "fp32"),
                           "--out", str(tmp_path / "q"), *SMALL]) == 2
     assert "bit widths must be between 2 and 8" in caplog.text and not (tmp_path / "q").exists()
 
@@ -130,15 +120,15 @@ def test_zoo_build_order_puts_each_source_first():
     assert ladder[0] == "fp32" and ladder[-1] == "fp32-seed1" and len(ladder) == len(set(ladder)) == 12
 
 
-def test_zoo_skips_what_is_built(ladder_zoo, caplog):
+def test_zoo_skips_what_is_built(untrained_zoo, caplog):
     """Rerunning the fixture's command changes no file: every variant is already built."""
-    from conftest import LADDER_ZOO_ARGS
+    from builds import UNTRAINED_ZOO_ARGS
 
-    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in ladder_zoo.rglob("*") if p.is_file()}
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in untrained_zoo.rglob("*") if p.is_file()}
     with caplog.at_level(logging.INFO, logger="training"):
-        assert training_main(["zoo", "--family", "resnet18-shapes", "--out", str(ladder_zoo), *LADDER_ZOO_ARGS]) == 0
+        assert training_main(["zoo", "--family", "resnet18-shapes", "--out", str(untrained_zoo), *UNTRAINED_ZOO_ARGS]) == 0
     assert caplog.text.count("already built") == 12
-    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in ladder_zoo.rglob("*") if p.is_file()} == before
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in untrained_zoo.rglob("*") if p.is_file()} == before
 
 
 def test_interrupted_zoo_build_resumes_with_the_rest(tmp_path):
@@ -161,7 +151,12 @@ def test_interrupted_zoo_build_resumes_with_the_rest(tmp_path):
                         on_built=lambda name, directory: built.append((name, directory)))
     assert built == [("int4", tmp_path / "int4")]
     assert set(results) == {"fp32", "int4"} and (tmp_path / "fp32" / WEIGHTS_FILE).read_bytes() == fp32_bytes
-    assert read_config(tmp_path / "int4")["metrics"]["agreement_with_fp32"] >= 0
+    # INT4 was derived from the FP32 model saved before the interruption, and measured against it.
+    int4, fp32 = (load_variant(tmp_path / v)[0] for v in ("int4", "fp32"))
+    eval_set = build_dataset(get_family("resnet18-shapes"), "eval", samples=settings.eval_samples)  # as the CLI
+    agreement = (predict(int4, eval_set, torch.device("cpu"))[0].argmax(1)
+                 == predict(fp32, eval_set, torch.device("cpu"))[0].argmax(1)).double().mean().item()
+    assert read_config(tmp_path / "int4")["metrics"]["agreement_with_fp32"] == pytest.approx(agreement, abs=1e-12)
 
 
 # --- the dataset --------------------------------------------------------------------------------
@@ -229,15 +224,17 @@ def test_cifar10_missing_is_a_clear_error(tmp_path, caplog):
     assert "CIFAR-10 not found" in caplog.text and "--download" in caplog.text
 
 
-@pytest.fixture
-def imagenet_folder(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def imagenet_folder(tmp_path_factory) -> Path:
+    """An ImageFolder tree of the 1000 classes, one generated image each per split (built once)."""
+    root = tmp_path_factory.mktemp("imagenet")
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for c in range(1000):
-            d = tmp_path / "imagenet" / split / f"n{c:08d}"
+            d = root / split / f"n{c:08d}"
             d.mkdir(parents=True)
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "a.JPEG")
-    return tmp_path / "imagenet"
+    return root
 
 
 def test_imagenet_path_with_torchvision_weights(imagenet_folder, mobilenet_weights, tmp_path, monkeypatch):
