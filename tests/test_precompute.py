@@ -39,5 +39,6 @@ def test_first_features_request_gets_the_precomputed_images_and_explain_is_serve
     assert rendered == [(f"features-{FAMILY}", tuple(channels))] * len(session.default_columns(FAMILY))
     pixels = {name: [np.asarray(Image.open(p)) for p in paths] for name, paths in files.items()}
     assert all(len(images) == len(channels) and images[0].shape[:2] == (64, 64) for images in pixels.values())
-    fp32, int8 = pixels["fp32"][0], pixels["int8"][0]
-    assert not np.array_equal(fp32, int8)  # each variant's own pictures (private copies of different models)
+    # Each variant's own pictures: files keyed by its weights (an untrained zoo's dead channels may
+    # look alike, so the files, not the pixels, are compared).
+    assert len({p for paths in files.values() for p in paths}) == len(channels) * len(files)
