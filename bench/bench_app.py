@@ -248,7 +248,7 @@ def fresh_machine(photo: Path, serve_after: str | None, build_steps: int | None,
         url = f"http://127.0.0.1:{port}"
         while not serves_the_space(url):
             if process.poll() is not None or time.perf_counter() - started > timeout:
-                raise RuntimeError(f"python app.py did not serve (exit {process.poll()}); see {log}")
+                raise RuntimeError(f"python app.py did not serve (exit {process.poll()}); its log ends:\n{_tail(log)}")
             time.sleep(0.5)
         seconds["page"] = time.perf_counter() - started
         client = Client(url, verbose=False)
@@ -271,7 +271,7 @@ def fresh_machine(photo: Path, serve_after: str | None, build_steps: int | None,
                 if "Still training" not in text:
                     complete[family] = (time.perf_counter() - started, ", ".join(row[0] for row in table["data"]))
             if process.poll() is not None:
-                raise RuntimeError(f"python app.py exited with {process.returncode}; see {log}")
+                raise RuntimeError(f"python app.py exited with {process.returncode}; its log ends:\n{_tail(log)}")
             time.sleep(2)
         for family in built:
             if family != first:
@@ -289,6 +289,11 @@ def fresh_machine(photo: Path, serve_after: str | None, build_steps: int | None,
         process.terminate()
         process.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _tail(log: Path, lines: int = 30) -> str:
+    """The end of a log that is deleted with its work directory."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def fresh_table(photo: Path, serve_after: str | None, build_steps: int | None, timeout: float) -> None:

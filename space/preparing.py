@@ -1,10 +1,10 @@
 """The page served while the Space prepares its models: live progress instead of a dead port.
 
-Pulling the models takes seconds; building the first variants of the shapes zoo on a fresh
-machine takes minutes (the rest trains in the background once the Space is up).
+Pulling the models takes seconds; building what the first page serves on a fresh machine takes
+minutes (the rest trains in the background once the Space is up).
 Meanwhile this page shows the progress bars of whatever runs (the training child's stages and
-epochs, read from its output; the Features precompute, from tqdm's live bars in this process: the
-training code needs no hook) and the last log lines, refreshed every second. It reloads itself
+epochs, read from its output; tqdm's live bars in this process: the training code needs no hook)
+and the last log lines, refreshed every second. It reloads itself
 into the real page as soon as that answers at the same address.
 
 Example:

@@ -24,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,6 +133,7 @@ class Session:
         self.builds: dict[str, object] = {}  # family -> its background build (space.background)
         self._similarity: dict[tuple[str, str], LayerSimilarity] = {}
         self._sparsity: dict[tuple[str, str], float] = {}
+        self._precomputing: dict[str, threading.Thread] = {}  # family -> its Features precompute
 
     def add_variant(self, family: str, variant: LoadedVariant) -> None:
         """Make a newly trained variant available to every request from now on (thread-safe); a
@@ -277,11 +280,15 @@ class Session:
         """Activation-maximisation images per chosen variant, one PNG file per channel.
 
         Results are cached on disk by weights hash, layer, channel and steps: the first channels
-        a visitor sees are computed at start-up and appear at once. The files are what the page
-        serves, so a cached answer is never decoded and encoded again.
+        a visitor sees are computed from start-up on (:meth:`precompute`; a request meanwhile waits
+        for it rather than computing them twice). The files are what the page serves, so a cached
+        answer is never decoded and encoded again.
         """
         self.check_features_request(family, layer, channels, steps)
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
+        running = self._precomputing.get(family)
+        if running is not None:
+            running.join()
         zoo = self.zoo(family)
         result = {}
         for i, name in enumerate(chosen):
@@ -293,10 +300,7 @@ class Session:
                     if progress is not None:
                         progress((i + step / total) / len(chosen), f"{name}: step {step} of {total}")
                 with self.model(family, name) as model:
-                    found = activation_maximization(model, layer, missing, steps=steps, seed=0,
-                                                    size=get_family(family).input_size, progress=report)
-                for c, image in zip(missing, found.images):
-                    _save_png(paths[c], _to_uint8(image))
+                    _render_features(model, layer, missing, steps, paths, report)
             result[name] = [paths[c] for c in channels]
         return result
 
@@ -304,9 +308,35 @@ class Session:
         digest = variant.config["weights"]["sha256"][:16]
         return self.cache_dir / "actmax" / f"{digest}-{layer}-c{channel}-s{steps}.png"
 
-    def precompute(self, family: str, steps: int = DEFAULT_STEPS) -> None:
-        """Compute (or find on disk) what a visitor sees first in the Features tab."""
-        self.features(family, self.default_layer(family), list(DEFAULT_CHANNELS), steps)
+    def close(self) -> None:
+        """Wait for the Features precomputes: a thread still inside torch when the interpreter
+        exits aborts it."""
+        for thread in list(self._precomputing.values()):
+            thread.join()
+
+    def precompute(self, family: str, steps: int = DEFAULT_STEPS) -> threading.Thread:
+        """Compute (or find on disk) what a visitor sees first in the Features tab, in a thread at a
+        lower CPU priority, on private copies of the models: the page is served meanwhile and no
+        request waits for a model it holds (activation maximisation of a 224-pixel MobileNetV2 for
+        FP32 and INT8 takes tens of seconds on 2 cores). Returns the thread."""
+        layer, channels = self.default_layer(family), list(DEFAULT_CHANNELS)
+
+        def run() -> None:
+            _lower_priority()
+            for name in self.default_columns(family):
+                variant = self.zoo(family).variants[name]
+                paths = {c: self._feature_path(variant, layer, c, steps) for c in channels}
+                missing = [c for c, p in paths.items() if not p.exists()]
+                if missing:
+                    with self.model(family, name) as model:
+                        private = copy.deepcopy(model)
+                    _render_features(private, layer, missing, steps, paths)
+            logger.info("%s: the Features tab's first view is ready", family)
+
+        thread = threading.Thread(target=run, name=f"features-{family}", daemon=True)
+        self._precomputing[family] = thread
+        thread.start()
+        return thread
 
     # -- Representations --------------------------------------------------------------------------
 
@@ -352,6 +382,24 @@ class Session:
             with self.model(family, variant) as model:
                 self._sparsity[key] = compression.weight_sparsity(model)["overall"]
         return self._sparsity[key]
+
+
+def _render_features(model: nn.Module, layer: str, channels: list[int], steps: int, paths: dict[int, Path],
+                     progress: Callable[[int, int], None] | None = None) -> None:
+    """Activation maximisation of ``channels`` (seed 0), one PNG each at ``paths[channel]``."""
+    found = activation_maximization(model, layer, channels, steps=steps, seed=0, progress=progress)
+    for c, image in zip(channels, found.images):
+        _save_png(paths[c], _to_uint8(image))
+
+
+def _lower_priority(step: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux nice values are per thread): background work
+    yields the cores to requests. Elsewhere, a no-op."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (AttributeError, OSError):
+        pass
 
 
 def _out_channels(module: nn.Module) -> int:

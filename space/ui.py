@@ -174,8 +174,10 @@ class Handlers:
         self.deployment = deployment.DeploymentColumns(session)
 
     def close(self) -> None:
-        """Stop the work the handlers started in the background (the Models tab's OpenVINO exports)."""
+        """Stop the work started in the background (the Models tab's OpenVINO exports) and wait for
+        the Features precomputes."""
         self.deployment.close()
+        self.session.close()
 
     def _family(self, family: str) -> str:
         self.session.zoo(family)  # raises ValueError for a family that is not loaded
