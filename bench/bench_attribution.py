@@ -29,6 +29,7 @@ from captum.attr import LayerAttribution, LayerGradCam, Saliency
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import explain, gradcam, load_variant, saliency  # noqa: E402
+from surgery.architectures import architecture_of  # noqa: E402
 from surgery.devices import faithful, resolve_device  # noqa: E402
 from timing import CLOCKS, measure, synchronizer  # noqa: E402
 
@@ -68,14 +69,15 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants:
         model, config = load_variant(args.zoo / variant, device=device)
         size = config["architecture"]["input_size"]
+        layer = model.get_submodule(architecture_of(model).gradcam_layer)  # the one explain() uses
         for batch in args.batch:
             x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).to(device)
             with torch.no_grad():
                 target = model(x).argmax(1)
             seconds = measure({
                 "fused": lambda: explain(model, x),
-                "maps": lambda: captum_maps(model, x, target, model.layer4),
-                "same": lambda: captum_same_outputs(model, x, model.layer4),
+                "maps": lambda: captum_maps(model, x, target, layer),
+                "same": lambda: captum_same_outputs(model, x, layer),
                 "separate": lambda: (gradcam(model, x, target), saliency(model, x, target)),
             }, args.repeats, CLOCKS[args.clock], warmup=2, sync=synchronizer(device))
             ms = {name: 1e3 * value for name, value in seconds.items()}

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_app import stand_in_zoo  # noqa: E402
 from space.examples import PHOTOS, photo_path  # noqa: E402
 from space.session import Session  # noqa: E402
-from space.zoo_source import VARIANTS, FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
+from space.zoo_source import FamilyZoo, LoadedVariant, SourceConfig, resolve  # noqa: E402
 from surgery import compression  # noqa: E402
 from surgery.devices import describe, faithful, resolve_device  # noqa: E402
 from surgery.images import load_image  # noqa: E402
@@ -56,7 +56,7 @@ def max_logit_difference(cpu: FamilyZoo, gpu: FamilyZoo, name: str, x: torch.Ten
 
 def differences(cpu: Session, gpu: Session, family: str, x: torch.Tensor, label: str) -> None:
     a, b = cpu.explain(family, x, "gradient"), gpu.explain(family, x, "gradient")
-    for name in VARIANTS:
+    for name in a.variants:  # the family's default columns
         u, v = a.variants[name], b.variants[name]
         logits = max_logit_difference(cpu.zoo(family), gpu.zoo(family), name, x)
         print(f"| {family} | {name} | {label} | {logits:.2e} | {(u.probabilities - v.probabilities).abs().max():.2e} | "
@@ -73,7 +73,8 @@ def latency(cpu: Session, gpu: Session, family: str, x: torch.Tensor, repeats: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, help="resnet18-shapes zoo (fp32/, int8/, sparse90/); else stand-ins")
-    parser.add_argument("--families", nargs="+", default=["resnet18-shapes", "resnet18-cifar10", "resnet50-imagenet"])
+    parser.add_argument("--families", nargs="+",
+                        default=["resnet18-shapes", "resnet18-cifar10", "resnet50-imagenet", "mobilenetv2-imagenet"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the CPU side")
     parser.add_argument("--device", default="cuda", help="the GPU: cuda or cuda:N")

@@ -20,9 +20,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from surgery.architectures import get_architecture
 from surgery.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from surgery.project import INSTALL_COMMAND, REPOSITORY
 from surgery.registry import get_family
+from surgery.variants import parse_variant
 
 LICENSE = "apache-2.0"
 LIBRARY_NAME = "pytorch"
@@ -95,6 +97,12 @@ def _summary(config: dict, repo_id: str, base_model: str | None, description: st
 
 def _what(config: dict) -> str:
     if config["kind"] == "fp32":
+        init = str(config.get("compression", {}).get("init") or "")
+        if init.startswith("torchvision") and config.get("recipe", {}).get("epochs") == 0:
+            other = " from an independent training run with another recipe" if parse_variant(
+                config["variant"]).is_recipe_control else ""
+            return (f"the full-precision (FP32) model: torchvision's pretrained {init.split()[-1]} weights{other}, "
+                    "as they are (no seeds)")
         return f"the full-precision (FP32) model, seed {config.get('recipe', {}).get('seed')}"
     comp = config.get("compression", {})
     if config["kind"] == "quantized":
@@ -202,11 +210,13 @@ def _how_to_load(config: dict, repo_id: str) -> str:
 
 def _how_it_was_made(config: dict, dataset: str, split: str) -> str:
     arch = config["architecture"]
+    parts = get_architecture(arch["arch"])
     lines = [
         "## How it was made\n",
         f"- Architecture: torchvision `{arch['arch']}`, {arch['num_classes']} classes, "
         f"{arch['input_size']}x{arch['input_size']} input; normalisation (mean {arch['mean']}, "
-        f"std {arch['std']}) is part of the model.",
+        f"std {arch['std']}) is part of the model. First convolution `{parts.first_conv}` and classifier "
+        f"`{parts.classifier}` (kept at 8 bits in quantized variants); GradCAM reads `{parts.gradcam_layer}`.",
         f"- Data: {dataset}; metrics on its {split} split.",
         f"- NNCF {config.get('nncf_version')}, PyTorch {config.get('torch_version')}.",
     ]

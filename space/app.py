@@ -1,10 +1,12 @@
 """Start the Space: find the models, warm the caches, serve the page.
 
 ``python app.py`` with no arguments pulls the default Hub repos, falls back to a local zoo,
-and on a machine with neither trains the ``resnet18-shapes`` zoo (see :mod:`space.zoo_source`):
-first what the first page needs (``--serve-after``: FP32), then, while the page is served, the
-rest (INT8, sparse90, the seed control; the whole ladder with ``--ladder``) in the background
-(:mod:`space.background`), each variant joining the page when it is ready.
+and on a machine with neither builds the zoos here (see :mod:`space.zoo_source`): first what the
+first page needs (``mobilenetv2-imagenet``: torchvision's pretrained FP32, which needs no
+training, and INT8 derived from it), then, while the page is served, the rest in the background
+(:mod:`space.background`): that family's other variants, then the ``resnet18-shapes`` and
+``resnet18-fashionmnist`` zoos (the whole ladder with ``--ladder``), each variant and each family
+joining the page when it is ready.
 Until the first models are ready, the address serves a page with the live progress
 (:mod:`space.preparing`), which turns into the Space when it is up. Flags override the
 ``SURGERY_*`` environment variables:
@@ -35,7 +37,7 @@ from space.examples import write_examples
 from space.preparing import StartupLog, preparing_page
 from space.session import DEFAULT_STEPS, Session
 from space.ui import CSS, build_demo
-from space.zoo_source import SERVE_AFTER, SOURCES, BuildOptions, SourceConfig, SourceError, resolve
+from space.zoo_source import SOURCES, BuildOptions, SourceConfig, SourceError, resolve
 from surgery.devices import ENV as DEVICE_ENV, faithful, resolve_device
 from surgery.images import MAX_FILE_BYTES
 
@@ -66,9 +68,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=os.environ.get(DEVICE_ENV, "auto"),
                    help="where models run: auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N "
                         f"(env {DEVICE_ENV})")
-    p.add_argument("--serve-after", default=os.environ.get("SURGERY_SERVE_AFTER", ",".join(SERVE_AFTER)),
+    p.add_argument("--serve-after", default=os.environ.get("SURGERY_SERVE_AFTER"),
                    help="when the zoo is built here, the variants trained before the page is served; the rest "
-                        "trains in the background (env SURGERY_SERVE_AFTER; default %(default)s)")
+                        "trains in the background (env SURGERY_SERVE_AFTER; default fp32, and fp32,int8 for a "
+                        "family whose FP32 is pretrained)")
     p.add_argument("--ladder", action="store_true", default=os.environ.get("SURGERY_LADDER", "") not in ("", "0"),
                    help="when the zoo is built here, also train the whole compression ladder in the background "
                         "(env SURGERY_LADDER=1)")
@@ -85,20 +88,21 @@ def create_app(argv: list[str] | None = None) -> tuple[gr.Blocks, dict]:
 def _create(args: argparse.Namespace) -> tuple[gr.Blocks, dict]:
     config = SourceConfig.from_env(hub_org=args.hub_org, families=args.families, zoo=args.zoo,
                                    source=args.source, revision=args.revision)
-    build = BuildOptions(steps=args.build_steps, ladder=args.ladder,
-                         serve_after=tuple(v.strip() for v in args.serve_after.split(",") if v.strip()))
+    serve_after = tuple(v.strip() for v in args.serve_after.split(",") if v.strip()) if args.serve_after else None
+    build = BuildOptions(steps=args.build_steps, ladder=args.ladder, serve_after=serve_after)
     cache = Path(args.cache_dir)
     device = resolve_device(args.device)  # before any model loads: a bad --device fails at once
     faithful(device)
     session = Session(resolve(config, build), cache_dir=cache, device=device)
-    for family, zoo in session.families.items():
+    previous = None  # one build at a time: the served families' rest first, then the coming families
+    for family, zoo in [*session.families.items(), *session.coming.items()]:
         if zoo.pending:
-            session.builds[family] = BackgroundBuild(session, family, zoo.directory, list(zoo.pending),
-                                                     steps=args.build_steps).start()
+            previous = session.builds[family] = BackgroundBuild(session, family, zoo.directory, list(zoo.pending),
+                                                                steps=args.build_steps, after=previous).start()
     first = next(iter(session.families))
     logger.info("precomputing the Features tab's first view for %s", first)
     session.precompute(first, args.feature_steps)
-    examples = write_examples(cache / "examples", session.families)
+    examples = write_examples(cache / "examples", [*session.families, *session.coming])
     demo = build_demo(session, examples, concurrency=args.concurrency, feature_steps=args.feature_steps,
                       study_root=cache / "study")
     launch = {"server_name": args.host, "server_port": args.port, "max_file_size": MAX_FILE_BYTES,

@@ -7,7 +7,10 @@ same recipe and seeds as a foreground build; the ladder in a run of its own afte
 control) at a lower CPU priority, so visitors' requests come first. A watcher thread
 loads each variant as soon as its ``config.json`` appears and hands it to the shared
 :class:`~space.session.Session` with :meth:`~space.session.Session.add_variant`; the page's
-timer then adds it to the choices. The child's output goes to ``ZOO/<family>/.space-build.log``.
+timer then adds it to the choices (a family built wholly in the background joins the family
+choices with its FP32 model). Builds of several families run one after another (``after``), the
+served family's first, so they never share the two cores. The child's output goes to
+``ZOO/<family>/.space-build.log``.
 
 Example:
     >>> build = BackgroundBuild(session, "resnet18-shapes", Path("zoo/resnet18-shapes"), ["fp32-seed1"])
@@ -29,9 +32,9 @@ from surgery.variants import DEFAULT_ZOO, parse_variant
 logger = logging.getLogger(__name__)
 
 def batches(variants: list[str]) -> list[list[str]]:
-    """The default zoo's rest and the seed controls first, then the ladder, as separate runs:
-    a ladder rung this trainer cannot build must not hold back the seed control."""
-    first = [v for v in variants if v in DEFAULT_ZOO or parse_variant(v).is_seed_control]
+    """The default zoo's rest and the controls (seed, another recipe) first, then the ladder, as
+    separate runs: a ladder rung this trainer cannot build must not hold back a control."""
+    first = [v for v in variants if v in DEFAULT_ZOO or parse_variant(v).is_control]
     rest = [v for v in variants if v not in first]
     return [batch for batch in (first, rest) if batch]
 
@@ -40,13 +43,14 @@ class BackgroundBuild:
     """The pending variants of one family, trained by child processes, watched by a thread."""
 
     def __init__(self, session, family: str, directory: Path, variants: list[str],
-                 steps: int | None = None, poll_seconds: float = 2.0) -> None:
+                 steps: int | None = None, poll_seconds: float = 2.0, after: "BackgroundBuild | None" = None) -> None:
         self.session = session
         self.family = family
         self.directory = Path(directory)
         self.variants = list(variants)
         self.steps = steps
         self.poll_seconds = poll_seconds
+        self.after = after  # a build that runs first: this one waits for it to end
         self.errors: list[str] = []
         self.log_path = self.directory / LOG_FILE
         self._process: Trainer | None = None
@@ -56,7 +60,7 @@ class BackgroundBuild:
     @property
     def pending(self) -> list[str]:
         """Variants not yet in the session (the session drops each one it gets) nor failed."""
-        return [v for v in self.session.zoo(self.family).pending if v in self.variants]
+        return [v for v in self.session.pending(self.family) if v in self.variants]
 
     def start(self) -> "BackgroundBuild":
         logger.info("%s: training %s in the background (log: %s)", self.family, ", ".join(self.variants),
@@ -74,6 +78,8 @@ class BackgroundBuild:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        if self.after is not None:
+            self.after.join()
         for batch in batches(self.variants):
             if self._stop.is_set():
                 return
@@ -88,8 +94,7 @@ class BackgroundBuild:
                          f"{self._process.poll()}); see {self.log_path}")
                 logger.error("%s: %s", self.family, error)
                 self.errors.append(error)
-                zoo = self.session.zoo(self.family)  # requests now hear "no such variant"
-                zoo.pending = tuple(v for v in zoo.pending if v not in missing)
+                self.session.give_up(self.family, missing)  # requests now hear "no such variant"
 
     def _collect(self) -> None:
         for name in self.pending:
@@ -114,7 +119,10 @@ class BackgroundBuild:
         lines = [f"**{self.family}**: {error}" for error in self.errors]
         pending = self.pending
         if pending:
-            now = self.progress()
-            lines.append(f"**{self.family}**: still training {', '.join(pending)} in the background; each "
-                         f"appears in the variant choices when ready." + (f" Now: `{now}`" if now else ""))
+            now = self.progress() if self._process is not None and self._process.poll() is None else ""
+            joins = ("the family joins the family choices when its FP32 model is ready"
+                     if self.family in self.session.coming else "each appears in the variant choices when ready")
+            queued = "" if now or self.after is None or not self.after.pending else ", after the builds above"
+            lines.append(f"**{self.family}**: still training {', '.join(pending)} in the background{queued}; "
+                         f"{joins}." + (f" Now: `{now}`" if now else ""))
         return "\n\n".join(lines)

@@ -3,7 +3,8 @@
 The figures come from :func:`hub_export.openvino.deployed_figures` (export, measure, cache on disk
 by weights hash). The first request for a family starts measuring in one background thread and
 shows the cells empty ("measuring"); later requests show what is done, so the tab never waits
-for a conversion. FP32 seed controls get no columns of their own: they deploy exactly as FP32.
+for a conversion. FP32 controls (seeds, another recipe) get no columns of their own: they deploy
+exactly as FP32.
 
 Example:
     >>> columns = DeploymentColumns(session)
@@ -44,7 +45,7 @@ class DeploymentColumns:
         cells, pending, failed, machine = {}, 0, 0, None
         for name in zoo.variants:
             cells[name] = [None] * len(HEADERS)
-            if parse_variant(name).is_seed_control:
+            if parse_variant(name).is_control:
                 continue
             future = self._future(family, name)
             if not future.done():

@@ -13,7 +13,8 @@ answer comes back to the CPU for drawing.
 
 Any set of variants: each request names the variants it wants side by side (at most
 :data:`MAX_COLUMNS`); comparisons are always against ``fp32``. Variants trained in the
-background join a running session with :meth:`Session.add_variant`.
+background join a running session with :meth:`Session.add_variant`; so do whole families built in
+the background (held apart in :attr:`Session.coming` until their FP32 model arrives).
 
 Example:
     >>> session = Session(resolve(SourceConfig(source="local")), cache_dir=Path(".cache"))
@@ -42,10 +43,11 @@ from space.zoo_source import REQUIRED, FamilyZoo, LoadedVariant
 from study.null import describe as describe_rule, layer_reading
 from study.settings import Settings
 from surgery import attribution, compression
+from surgery.architectures import Architecture, architecture_of
 from surgery.devices import DeviceSpec, describe, move, resolve_device
 from surgery.actmax import activation_maximization
-from surgery.registry import get_family
-from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, residual_blocks, topk_iou
+from surgery.registry import ModelFamily, get_family
+from surgery.similarity import LayerSimilarity, layer_similarity, map_spearman, topk_iou
 from surgery.variants import DEFAULT_COLUMNS, parse_variant, sort_variants
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def default_columns(names: list[str]) -> list[str]:
     """
     chosen = [v for v in DEFAULT_COLUMNS if v in names]
     if len(chosen) < 2:
-        chosen += [v for v in sort_variants(names) if v not in chosen and not parse_variant(v).is_seed_control]
+        chosen += [v for v in sort_variants(names) if v not in chosen and not parse_variant(v).is_control]
     return sort_variants(chosen[:MAX_COLUMNS])
 
 
@@ -118,7 +120,9 @@ class Session:
     """Loaded families, one lock per model, and caches of the slow results."""
 
     def __init__(self, families: dict[str, FamilyZoo], cache_dir: Path, device: DeviceSpec = "cpu") -> None:
-        self.families = families
+        self._order = list(families)
+        self.families = {f: zoo for f, zoo in families.items() if REQUIRED in zoo.variants}  # served
+        self.coming = {f: zoo for f, zoo in families.items() if REQUIRED not in zoo.variants}  # built meanwhile
         self.cache_dir = Path(cache_dir)
         self.device = resolve_device(device)
         self._locks = {(f, v): threading.Lock() for f, zoo in families.items() for v in zoo.variants}
@@ -134,25 +138,48 @@ class Session:
         self._sparsity: dict[tuple[str, str], float] = {}
 
     def add_variant(self, family: str, variant: LoadedVariant) -> None:
-        """Make a newly trained variant available to every request from now on (thread-safe).
+        """Make a newly trained variant available to every request from now on (thread-safe); a
+        family built in the background is served from its FP32 model on.
 
-        Requests iterate over a snapshot of a family's variants: the dict is replaced, never
-        changed in place, so a request running now keeps the set it started with.
+        Requests iterate over a snapshot of a family's variants (and of the families): the dicts
+        are replaced, never changed in place, so a request running now keeps the set it started with.
         """
         move(variant.model, self.device).eval().requires_grad_(False)
         with self._added:
-            zoo = self.zoo(family)
+            zoo = self._tracked(family)
             self._locks[family, variant.name] = threading.Lock()
             merged = {**zoo.variants, variant.name: variant}
             zoo.variants = {name: merged[name] for name in sort_variants(merged)}
             zoo.pending = tuple(v for v in zoo.pending if v != variant.name)
+            if family in self.coming and REQUIRED in zoo.variants:
+                self.coming = {f: z for f, z in self.coming.items() if f != family}
+                served = {**self.families, family: zoo}
+                self.families = {f: served[f] for f in self._order if f in served}
             self.version += 1
 
+    def _tracked(self, family: str) -> FamilyZoo:
+        """A served family, or one still being built."""
+        return self.families.get(family) or self.coming[family]
+
+    def pending(self, family: str) -> tuple[str, ...]:
+        """The family's variants still training in the background (all of it for a coming family)."""
+        return self._tracked(family).pending
+
+    def give_up(self, family: str, names: list[str]) -> None:
+        """Variants whose background training stopped: requests now hear that the family lacks them."""
+        with self._added:
+            zoo = self._tracked(family)
+            zoo.pending = tuple(v for v in zoo.pending if v not in names)
+
     def zoo(self, family: str) -> FamilyZoo:
+        """A served family (``ValueError`` for any other, saying when a coming one joins)."""
+        families = self.families
+        if family not in families and family in self.coming:
+            raise ValueError(f"{family} is still being trained here; it joins the page when its FP32 model is ready")
         try:
-            return self.families[family]
+            return families[family]
         except KeyError:
-            raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(self.families)}") from None
+            raise ValueError(f"model family {family!r} is not loaded; loaded: {', '.join(families)}") from None
 
     def variant_names(self, family: str) -> list[str]:
         """The family's loaded variants, in display order."""
@@ -161,8 +188,9 @@ class Session:
     def default_columns(self, family: str) -> list[str]:
         return default_columns(self.variant_names(family))
 
-    def seed_controls(self, family: str) -> list[str]:
-        return [v for v in self.variant_names(family) if parse_variant(v).is_seed_control]
+    def controls(self, family: str) -> list[str]:
+        """The other FP32 training runs: seed controls, or another recipe's run (pretrained families)."""
+        return [v for v in self.variant_names(family) if parse_variant(v).is_control]
 
     def check_variants(self, family: str, variants: list[str] | tuple[str, ...] | None) -> list[str]:
         """The chosen variants in display order, or a ``ValueError`` saying what is wrong."""
@@ -204,12 +232,11 @@ class Session:
         if method not in SALIENCY_METHODS:
             raise ValueError(f"unknown saliency method {method!r}; choose from {', '.join(SALIENCY_METHODS)}")
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
-        layer = get_family(family).gradcam_layer
         x = image[None].to(self.device)
         answers = {}
         for name in sort_variants({REQUIRED, *chosen}):
             with self.model(family, name) as model:
-                out = attribution.explain(model, x, layer=layer)
+                out = attribution.explain(model, x)  # GradCAM at the model's own layer (its architecture)
                 saliency = (out.saliency if method == "gradient"
                             else attribution.saliency(model, x, target=out.target, method=method))
             answers[name] = VariantExplanation(out.probabilities[0].cpu(), out.gradcam[0].cpu(), saliency[0].cpu())
@@ -220,9 +247,16 @@ class Session:
     # -- Features ---------------------------------------------------------------------------------
 
     def layers(self, family: str) -> list[str]:
-        """The stages whose channels the Features tab offers (``layer1`` ... ``layer4``)."""
-        model = self.zoo(family).variants[REQUIRED].model
-        return [name for name, _ in model.named_children() if name.startswith("layer")]
+        """The stages whose channels the Features tab offers, from the architecture description
+        (``layer1`` ... ``layer4``; MobileNetV2: the last block at each resolution)."""
+        return list(self._architecture(family).stages)
+
+    def default_layer(self, family: str) -> str:
+        """The layer the Features tab opens on: the architecture's GradCAM layer (its last stage)."""
+        return self._architecture(family).gradcam_layer
+
+    def _architecture(self, family: str) -> Architecture:
+        return architecture_of(self.zoo(family).variants[REQUIRED].model)
 
     def channels(self, family: str, layer: str) -> int:
         model = self.zoo(family).variants[REQUIRED].model
@@ -277,7 +311,7 @@ class Session:
 
     def precompute(self, family: str, steps: int = DEFAULT_STEPS) -> None:
         """Compute (or find on disk) what a visitor sees first in the Features tab."""
-        self.features(family, get_family(family).gradcam_layer, list(DEFAULT_CHANNELS), steps)
+        self.features(family, self.default_layer(family), list(DEFAULT_CHANNELS), steps)
 
     # -- Representations --------------------------------------------------------------------------
 
@@ -286,7 +320,7 @@ class Session:
         (:func:`study.null.layer_reading`: the controls' pairs with FP32 and with each other are the
         null of how much two equally good FP32 networks differ); each pair is computed once."""
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
-        controls = self.seed_controls(family)
+        controls = self.controls(family)
         others = [v for v in chosen if v != REQUIRED and v not in controls] + controls
         images = None
         pairs, control_pairs = {}, {}
@@ -299,7 +333,8 @@ class Session:
                 pairs[b] = self._similarity[family, a, b]
             else:
                 control_pairs[a, b] = self._similarity[family, a, b]
-        return Representations(pairs, _reading(pairs, controls, list(control_pairs.values())), control_pairs)
+        reading = _reading(pairs, controls, list(control_pairs.values()), get_family(family))
+        return Representations(pairs, reading, control_pairs)
 
     def _cka(self, family: str, a: str, b: str, images: torch.Tensor) -> LayerSimilarity:
         """``a`` vs ``b`` over ``images``, from the disk cache when these weights were seen before."""
@@ -310,7 +345,7 @@ class Session:
             return LayerSimilarity.from_dict(json.loads(path.read_text()))
         batch = max(len(images) // CKA_BATCHES, 4)
         with self.model(family, a) as model_a, self.model(family, b) as model_b:
-            sim = layer_similarity(model_a, model_b, images.split(batch), residual_blocks(model_a), seed=0)
+            sim = layer_similarity(model_a, model_b, images.split(batch), list(architecture_of(model_a).blocks), seed=0)
         data = sim.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
@@ -331,7 +366,7 @@ class Session:
 
 def _out_channels(module: nn.Module) -> int:
     convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    # A residual stage ends in its last block's last conv (its output width).
+    # A stage ends in its last block's last conv (its output width).
     return convs[-1].out_channels if convs else 0
 
 
@@ -343,9 +378,11 @@ def _compare(name: str, reference: VariantExplanation, other: VariantExplanation
     return Comparison(name, reference.prediction == other.prediction, *cam, *sal)
 
 
-def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], control_pairs: list[LayerSimilarity]) -> str:
+def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], control_pairs: list[LayerSimilarity],
+             family: ModelFamily) -> str:
     """A few sentences on the diagonals (each layer against the same layer of FP32), each compressed
-    variant judged by the study's rule against the seed controls: the only fair measure of "differs"."""
+    variant judged by the study's rule against the seed controls: the only fair measure of "differs".
+    A family without any (a pretrained FP32 has no seeds) gets no such claim."""
     if not pairs:
         return "Choose a variant other than FP32 to compare its layers with FP32's."
     num_images = next(iter(pairs.values())).num_images
@@ -357,6 +394,11 @@ def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], control_pai
     for other, r in readings.items():
         layer, lowest = r.lowest
         lines.append(f"- FP32 vs **{other}**: diagonal CKA {r.mean:.2f} on average, lowest {lowest:.2f} at `{layer}`.")
+    if not family.has_fp32_seeds:  # the study's rule: another recipe's run is not a seed of this one
+        lines.append(f"- The FP32 model of {family.name} is torchvision's pretrained {family.pretrained}, used as "
+                     "it is: it has no seeds, so no variant is said to differ from retraining (another recipe's "
+                     "run, where loaded, is shown above as a description only).")
+        return "\n".join(lines)
     if not controls:
         lines.append("- No FP32 model with another seed in this zoo: there is no control for how much "
                      "two equally good FP32 networks differ.")

@@ -44,6 +44,9 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
         return None
     metrics = json.loads(path.read_text())
     figures = [(str(p), p.stem.replace("-", " ")) for p in sorted((Path(directory) / "figures").glob("dose-*.png"))]
+    # A pretrained FP32 used as it is has no seeds: its note, and no "worse than" reading.
+    if metrics.get("no_null"):
+        return StudyView(figures, metrics["no_null"], *_class_table(metrics, class_names))
     check = metrics["null_check"]
     lines = [f"Rule: {metrics['rule']}."]
     if check["rate"] is not None:
@@ -54,6 +57,12 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
         for metric, r in dr["metrics"].items():
             title = metrics["metrics"][metric]["title"]
             lines.append(f"- {title}: {r['first_worse'] or 'no level'}")
+    return StudyView(figures, "\n".join(lines) or "No compressed variants in this study.",
+                     *_class_table(metrics, class_names))
+
+
+def _class_table(metrics: dict, class_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-class damage table: its header and rows."""
     header = ["variant", "class", "FP32 recall", "recall", "change [95%]", "Holm p", "detectable drop", "hurt"]
     rows = []
     for name, entry in metrics["classes"].items():
@@ -65,12 +74,15 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
                              f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
                              "" if r["p_holm"] is None else f"{r['p_holm']:.3g}", drop,
                              "yes" if r.get("hurt_significantly") else ""])
-    return StudyView(figures, "\n".join(lines) or "No compressed variants in this study.", header, rows)
+    return header, rows
 
 
 def study_view(root: Path, zoos: Mapping[str, Path], family: str):
     """The tab's outputs for ``family``: figures, reading, class-damage table."""
-    zoo = StudyZoo.open(zoos[family])
+    try:
+        zoo = StudyZoo.open(zoos[family])
+    except FileNotFoundError:  # a family still being built here
+        return [], f"{family} has no FP32 model yet: it is still being trained here.", gr.update(value=[])
     view = load_study(study_directory(root, zoos[family]), list(zoo.family.class_names))
     if view is None:
         message = (f"No study of these weights yet. Run `python -m study --zoo {zoos[family]} "

@@ -69,6 +69,7 @@ REFRESH_SECONDS = 3.0  # how often an open page asks whether a background varian
 COMPARISON_HEADERS = ["variant", "same prediction as FP32", "GradCAM Spearman", "GradCAM top-k IoU",
                       "saliency Spearman", "saliency top-k IoU"]
 MODEL_HEADERS = ["variant", "top-1", "agreement with FP32", "weight sparsity", "file size (MB)", "source"]
+FAMILY_PICKERS = 4  # the family dropdowns of Explain, Features, Representations and Models
 
 
 def _guard(action: str) -> Callable:
@@ -227,7 +228,7 @@ class Handlers:
     def representations(self, family: str, variants: list[str] | None = None) -> tuple[list, str]:
         family = self._family(family)
         comparison = self.session.representations(family, variants)
-        controls = set(self.session.seed_controls(family))
+        controls = set(self.session.controls(family))
         gallery = []
         for other, sim in comparison.pairs.items():
             caption = f"FP32 vs {title(other)}" + (" (control)" if other in controls else "")
@@ -261,13 +262,16 @@ class Handlers:
         return "\n\n".join(t for t in (b.status_text() for b in self.session.builds.values()) if t)
 
     def refresh(self, seen: dict, models_family: str, *pickers: str | list, force: bool = False) -> list:
-        """The timer's tick (and page load, with ``force``): the status line, the variant choices
-        of each (family, chosen variants) pair in ``pickers`` (the visitor's choice kept unless it
-        is still the default, which then grows with the zoo), the Models table when a variant
+        """The timer's tick (and page load, with ``force``): the status line, the family choices
+        of the four tabs when a family built in the background arrived, the variant choices of
+        each (family, chosen variants) pair in ``pickers`` (the visitor's choice kept unless it is
+        still the default, which then grows with the zoo), the Models table when a variant
         arrived, and the timer itself (stopped once nothing trains)."""
         status = self.training_status()
         current = {f: self.session.variant_names(f) for f in self.session.families}
         changed = current != seen
+        arrived = set(current) != set(seen) or force
+        families = [gr.Dropdown(choices=list(current)) if arrived else gr.skip() for _ in range(FAMILY_PICKERS)]
         # The page's own choices are every family's variants, those still training included (so
         # that the API accepts any of them, with a clear message); on load, narrow them to the
         # family's ready ones.
@@ -282,7 +286,7 @@ class Handlers:
                 updates.append(gr.CheckboxGroup(choices=_choices(current[family]),
                                                 value=value if keep else default_columns(current[family])))
         models = self.models(models_family) if changed and models_family in current else (gr.skip(), gr.skip())
-        return [gr.Markdown(status, visible=bool(status)), current, *updates, *models,
+        return [gr.Markdown(status, visible=bool(status)), current, *families, *updates, *models,
                 gr.Timer(active=any(b.pending for b in self.session.builds.values()))]
 
     def pick_family(self, family: str) -> gr.CheckboxGroup:
@@ -294,7 +298,8 @@ class Handlers:
 def _all_variants(session: Session) -> list[str]:
     """Every variant any family has or is training: what a request may name (the choices each
     visitor sees are narrowed to the ready ones of the chosen family)."""
-    return sort_variants({v for zoo in session.families.values() for v in (*zoo.variants, *zoo.pending)})
+    zoos = [*session.families.values(), *session.coming.values()]
+    return sort_variants({v for zoo in zoos for v in (*zoo.variants, *zoo.pending)})
 
 
 def _variant_picker(session: Session, family: str, elem_id: str) -> gr.CheckboxGroup:
@@ -303,7 +308,7 @@ def _variant_picker(session: Session, family: str, elem_id: str) -> gr.CheckboxG
 
 
 def _source_banner(session: Session) -> str:
-    lines = [f"- **{family}**: {zoo.origin}" for family, zoo in session.families.items()]
+    lines = [f"- **{family}**: {zoo.origin}" for family, zoo in [*session.families.items(), *session.coming.items()]]
     return "**Models shown here come from:**\n" + "\n".join(lines)
 
 
@@ -326,9 +331,11 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
     ``study_root``: where ``python -m study --cache-root`` wrote its results (the Study tab);
     ``concurrency``: requests served at once per action (locks keep models apart);
     ``feature_steps``: the Features tab's initial optimisation steps (precomputed at start-up)."""
-    families = list(session.families)
-    first = families[0]
-    first_layer = get_family(first).gradcam_layer
+    first = next(iter(session.families))
+    # Families still being built are among the choices too, so that requests naming them get the
+    # session's clear message; each page narrows its choices to the served ones when it loads.
+    families = [*session.families, *session.coming]
+    first_layer = session.default_layer(first)
     shown = session.default_columns(first)
     with gr.Blocks(title="Compressed CNN surgery") as demo:
         h = Handlers(session, Path(demo.GRADIO_CACHE) / MAPS_FOLDER)
@@ -338,7 +345,7 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
         gr.Markdown(_source_banner(session), elem_id="source")
         status_text = h.training_status()
         status = gr.Markdown(status_text, visible=bool(status_text), elem_id="training-status")
-        seen = gr.State({f: session.variant_names(f) for f in families})
+        seen = gr.State({f: session.variant_names(f) for f in session.families})
 
         with gr.Tab("Explain"):
             with gr.Row():
@@ -402,7 +409,7 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
                     f_columns.append(column)
 
             def on_family(f: str) -> tuple:
-                return gr.Dropdown(choices=session.layers(f), value=get_family(f).gradcam_layer), h.pick_family(f)
+                return gr.Dropdown(choices=session.layers(f), value=session.default_layer(f)), h.pick_family(f)
 
             f_family.change(on_family, f_family, [layer, f_variants], api_visibility="private")
             f_inputs = [f_family, layer, channels, steps, f_variants]
@@ -437,15 +444,17 @@ def build_demo(session: Session, examples: dict[str, list[Example]], concurrency
             m_family.change(h.models, m_family, [m_table, m_code], api_name="models")
             demo.load(h.models, m_family, [m_table, m_code], api_visibility="private")
 
-        local = {f: zoo.directory for f, zoo in session.families.items() if zoo.directory is not None}
+        local = {f: zoo.directory for f, zoo in [*session.families.items(), *session.coming.items()]
+                 if zoo.directory is not None}
         if study_root is not None and local:
             add_study_tab(study_root, local)
 
         # Variants trained in the background join the choices: on page load, then every few
         # seconds while something trains (the timer stops itself after).
-        timer = gr.Timer(REFRESH_SECONDS, active=any(z.pending for z in session.families.values()))
+        timer = gr.Timer(REFRESH_SECONDS, active=any(b.pending for b in session.builds.values()))
         pickers = [family, variants, f_family, f_variants, r_family, r_variants]
-        refresh_out = [status, seen, variants, f_variants, r_variants, m_table, m_code, timer]
+        refresh_out = [status, seen, family, f_family, r_family, m_family, variants, f_variants, r_variants, m_table,
+                       m_code, timer]
         timer.tick(h.refresh, [seen, m_family, *pickers], refresh_out, api_visibility="private", queue=False,
                    show_progress="hidden")
         demo.load(functools.partial(h.refresh, force=True), [seen, m_family, *pickers], refresh_out,

@@ -3,15 +3,18 @@
 For each family the Space shows, :func:`resolve` tries, in order:
 
 1. the Hugging Face Hub: repos ``ORG/<family>-<variant>`` (``--hub-org`` / ``SURGERY_HUB_ORG``)
-   for every name of :func:`hub_candidates` (the default zoo, the ladder, two seed controls),
-   pulled with :func:`surgery.load_variant`; those that exist are kept;
+   for every name of :func:`hub_candidates` (the default zoo, the ladder, two seed controls and
+   another recipe's FP32), pulled with :func:`surgery.load_variant`; those that exist are kept;
 2. a local zoo under ``--zoo`` / ``SURGERY_ZOO``: ``ZOO/<family>/fp32`` (or ``ZOO/fp32`` itself,
    as ``python -m training zoo --out ZOO`` writes it), with every variant directory beside it;
 3. for a family whose data is on this machine (:func:`surgery.data.offline_available`):
-   building the zoo here with the training CLI into ``ZOO/<family>``: first what the first page
-   needs (:attr:`BuildOptions.serve_after`), in a child process whose progress bars the
-   preparing page shows; the rest (int8, sparse90, the seed control, the ladder if asked) is
-   left in :attr:`FamilyZoo.pending` for :mod:`space.background` to train while the page is served.
+   building the zoo here with the training CLI into ``ZOO/<family>``. The first such family, when
+   no family is served yet, gets what the first page needs now (:meth:`BuildOptions.first`: FP32,
+   and INT8 too for a pretrained FP32), in a child process whose progress bars the preparing page
+   shows; the rest (the default zoo, the seed control, the ladder if asked) is left in
+   :attr:`FamilyZoo.pending` for :mod:`space.background` to train while the page is served. Any
+   later family is built wholly in the background (no model yet, everything pending) and joins
+   the page when its FP32 model is ready.
 
 A zoo is complete enough to serve when it has ``fp32``; compressed variants and seed controls
 are whatever it holds. Each resolved family records where it came from, and the page says so.
@@ -37,30 +40,37 @@ from space.trainer import LOG_FILE, Trainer
 from surgery.checkpoint import CONFIG_FILE, CheckpointError, read_config
 from surgery.data import offline_available
 from surgery.loading import load_variant
+from surgery.registry import get_family
 from surgery.variants import DEFAULT_ZOO, LADDER, parse_variant, seed_name, sort_variants
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HUB_ORG = "compressed-cnn-surgery"
-DEFAULT_FAMILIES = ("resnet18-shapes", "resnet18-fashionmnist", "resnet18-cifar10", "resnet50-imagenet")
-# Of the default families, the one built here when no zoo has it: shapes trains in minutes, so a
-# fresh machine gets a page soon. A family named with --families is built when its data is here.
-DEFAULT_BUILD = ("resnet18-shapes",)
+DEFAULT_FAMILIES = ("mobilenetv2-imagenet", "resnet18-shapes", "resnet18-fashionmnist", "resnet18-cifar10",
+                    "resnet50-imagenet")
+# Of the default families, those built here when no zoo has them. The first page is the pretrained
+# MobileNetV2: its FP32 needs no training, so a fresh machine serves it with INT8 within minutes;
+# shapes and Fashion-MNIST train in the background afterwards and join the page when ready. A family
+# named with --families is built when its data is here.
+DEFAULT_BUILD = ("mobilenetv2-imagenet", "resnet18-shapes", "resnet18-fashionmnist")
 REQUIRED = "fp32"  # what a family must have to be served: every comparison is against it
 SEED_CONTROLS = tuple(seed_name("fp32", k) for k in (1, 2))
-# Trained before the page is served on a fresh machine; the rest follows in the background and
-# joins the page when ready. FP32 alone: on a fresh 2-core machine (README) fp32 and int8 trained
-# in 200-233 s and 74-82 s (NNCF's extension compile included), so with int8 the first answer came
-# at 347 s in one run and would have come after 6 minutes in another; the machine's speed varies
-# by a quarter between runs. ``--serve-after fp32,int8`` waits for the first comparison instead.
+RECIPE_CONTROL = "fp32-recipe1"  # a pretrained family's other training run (torchvision's other weights)
+# Built before the page is served on a fresh machine (the first family built here only); the rest
+# follows in the background and joins the page when ready. A family whose FP32 trains here waits
+# for FP32 alone: on a fresh 2-core machine (README) the shapes fp32 and int8 trained in 200-233 s and
+# 74-82 s, so with int8 the first answer came at 347 s in one run and would have come after 6
+# minutes in another. A pretrained FP32 (torchvision's weights as they are) costs nothing, so INT8
+# is derived first and the first page compares the two. ``--serve-after`` sets it for every family.
 SERVE_AFTER = ("fp32",)
+SERVE_AFTER_PRETRAINED = ("fp32", "int8")
 BUILD_MARKER = ".space-build.json"  # in a zoo this app builds: what it set out to build
 SOURCES = ("auto", "hub", "local")
 
 
 def hub_candidates() -> list[str]:
     """The variant names tried on the Hub, in display order."""
-    return sort_variants(dict.fromkeys((*DEFAULT_ZOO, *LADDER, *SEED_CONTROLS)))
+    return sort_variants(dict.fromkeys((*DEFAULT_ZOO, *LADDER, *SEED_CONTROLS, RECIPE_CONTROL)))
 
 
 class SourceError(RuntimeError):
@@ -135,14 +145,17 @@ class FamilyZoo:
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How a zoo is built here: ``steps`` caps every epoch (a smoke build), ``serve_after`` is
-    trained before the page is served, the rest of :meth:`plan` in the background."""
+    """How a zoo is built here: ``steps`` caps every epoch (a smoke build), :meth:`first` is built
+    before the page is served (``serve_after``, default per family), the rest of :meth:`plan` in
+    the background."""
 
     steps: int | None = None
-    serve_after: tuple[str, ...] = SERVE_AFTER
+    serve_after: tuple[str, ...] | None = None
     ladder: bool = False
 
     def __post_init__(self) -> None:
+        if self.serve_after is None:
+            return
         names = tuple(dict.fromkeys(self.serve_after))
         for name in names:
             parse_variant(name)  # ValueError with the grammar
@@ -150,11 +163,20 @@ class BuildOptions:
             raise ValueError(f"the variants served first must include {REQUIRED}, got {', '.join(names)}")
         object.__setattr__(self, "serve_after", names)
 
-    def plan(self) -> list[str]:
-        """Everything a zoo built here gets: first ``serve_after``, then the default zoo, the
-        seed control and, with ``ladder``, the whole ladder."""
+    def first(self, family: str) -> tuple[str, ...]:
+        """What the first page waits for: ``serve_after``, else FP32, with INT8 where FP32 is
+        torchvision's weights as they are (see :data:`SERVE_AFTER_PRETRAINED`)."""
+        if self.serve_after is not None:
+            return self.serve_after
+        return SERVE_AFTER if get_family(family).has_fp32_seeds else SERVE_AFTER_PRETRAINED
+
+    def plan(self, family: str) -> list[str]:
+        """Everything a zoo of ``family`` built here gets: first :meth:`first`, then the default
+        zoo, the seed control (none for a pretrained family: it has no seeds) and, with
+        ``ladder``, the whole ladder."""
         ladder = sort_variants(LADDER) if self.ladder else []
-        return list(dict.fromkeys((*self.serve_after, *DEFAULT_ZOO, SEED_CONTROLS[0], *ladder)))
+        control = (SEED_CONTROLS[0],) if get_family(family).has_fp32_seeds else ()
+        return list(dict.fromkeys((*self.first(family), *DEFAULT_ZOO, *control, *ladder)))
 
 
 def load_member(name: str, location: str | Path, family: str, repo_id: str | None = None,
@@ -176,9 +198,10 @@ def _from_hub(config: SourceConfig, family: str) -> FamilyZoo:
             if name == REQUIRED:
                 raise
             logger.info("%s: not on the Hub (%s)", repo_id, str(exc).splitlines()[0])
-    if not any(parse_variant(v).is_seed_control for v in variants):
+    if not any(parse_variant(v).is_control for v in variants):
+        control = SEED_CONTROLS[0] if get_family(family).has_fp32_seeds else RECIPE_CONTROL
         logger.warning("no %s on the Hub: Representations shows no FP32-vs-FP32 control",
-                       config.repo_id(family, SEED_CONTROLS[0]))
+                       config.repo_id(family, control))
     return FamilyZoo(family, variants, f"Hugging Face Hub ({config.hub_org})")
 
 
@@ -233,18 +256,18 @@ def zoo_argv(family: str, out: Path, variants: list[str], steps: int | None) -> 
 
 
 def build_here(family: str, out: Path, options: BuildOptions) -> Path:
-    """Train ``options.serve_after`` of ``family`` into ``out`` with the training CLI, in a child
+    """Train :meth:`BuildOptions.first` of ``family`` into ``out`` with the training CLI, in a child
     process (:class:`space.trainer.Trainer`, whose bars the preparing page shows), waiting for it;
     an interrupted build resumes.
 
     The whole plan is recorded in ``out/.space-build.json``, so a restart trains what is missing.
     """
+    first = options.first(family)
     logger.warning("no %s models on the Hub or in a local zoo: training them now into %s "
                    "(%s first, then the page; %s in the background)", family, out,
-                   ", ".join(options.serve_after), ", ".join(options.plan()[len(options.serve_after):]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / BUILD_MARKER).write_text(json.dumps({"family": family, "variants": options.plan()}) + "\n")
-    trainer = Trainer(zoo_argv(family, out, list(options.serve_after), options.steps), out / LOG_FILE)
+                   ", ".join(first), ", ".join(options.plan(family)[len(first):]))
+    _mark(family, out, options)
+    trainer = Trainer(zoo_argv(family, out, list(first), options.steps), out / LOG_FILE)
     status = trainer.wait()
     if status != 0 or not is_complete(out):
         tail = "\n".join(trainer.output(last_bytes=4096).replace("\r", "\n").splitlines()[-15:])
@@ -253,13 +276,28 @@ def build_here(family: str, out: Path, options: BuildOptions) -> Path:
     return out
 
 
-def _still_to_build(directory: Path, options: BuildOptions) -> tuple[str, ...]:
+def _mark(family: str, out: Path, options: BuildOptions) -> None:
+    """Record in ``out`` what this app sets out to build there (a restart builds what is missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_MARKER).write_text(json.dumps({"family": family, "variants": options.plan(family)}) + "\n")
+
+
+def build_later(family: str, out: Path, options: BuildOptions) -> FamilyZoo:
+    """A family to be built wholly in the background, while other families are served: no model
+    yet, its whole plan :attr:`FamilyZoo.pending`. It joins the page when its FP32 model is ready."""
+    logger.warning("no %s models on the Hub or in a local zoo: they will be trained into %s in the background "
+                   "(%s)", family, out, ", ".join(options.plan(family)))
+    _mark(family, out, options)
+    return FamilyZoo(family, {}, f"built here in {out}", directory=out, pending=_still_to_build(out, family, options))
+
+
+def _still_to_build(directory: Path, family: str, options: BuildOptions) -> tuple[str, ...]:
     """What a zoo built here set out to build (and the ladder, if now asked) but has not yet."""
     marker = directory / BUILD_MARKER
     if not marker.exists():
         return ()  # someone else's zoo: served as it is
     planned = json.loads(marker.read_text()).get("variants", [])
-    wanted = dict.fromkeys((*planned, *options.plan()))
+    wanted = dict.fromkeys((*planned, *options.plan(family)))
     built = set(zoo_variants(directory))
     return tuple(v for v in wanted if v not in built)
 
@@ -278,22 +316,27 @@ def _unreachable(exc: Exception) -> bool:
     return "cannot reach the Hub" in text or "HF_HUB_OFFLINE" in text
 
 
-def _from_disk(config: SourceConfig, family: str, reasons: list[str], build: BuildOptions) -> FamilyZoo | None:
+def _from_disk(config: SourceConfig, family: str, reasons: list[str], build: BuildOptions,
+               foreground: bool) -> FamilyZoo | None:
     """A local zoo of ``family`` with its FP32 model, else (``auto`` source, data on this machine)
-    one built here; a zoo this app began building keeps its unbuilt variants as ``pending``."""
+    one built here: its first variants now when ``foreground`` (no family is served yet), else
+    all of it in the background (:func:`build_later`). A zoo this app began building keeps its
+    unbuilt variants as ``pending``."""
     buildable = config.may_build(family)
     if config.source in ("auto", "local"):
         directory = family_zoo_dir(config.zoo, family)
         if directory is not None and is_complete(directory):
             built_here = (directory / BUILD_MARKER).exists()
             zoo = _from_local(directory, family, f"{'built here in' if built_here else 'local zoo'} {directory}")
-            zoo.pending = _still_to_build(directory, build) if buildable else ()
+            zoo.pending = _still_to_build(directory, family, build) if buildable else ()
             return zoo
         reasons.append(f"{family}: no local zoo with an {REQUIRED} model under {config.zoo}")
+    if buildable and not foreground:
+        return build_later(family, config.zoo / family, build)
     if buildable:
         directory = build_here(family, config.zoo / family, build)
         zoo = _from_local(directory, family, f"built here in {directory}")
-        zoo.pending = _still_to_build(directory, build)
+        zoo.pending = _still_to_build(directory, family, build)
         return zoo
     return None
 
@@ -301,7 +344,9 @@ def _from_disk(config: SourceConfig, family: str, reasons: list[str], build: Bui
 def resolve(config: SourceConfig, build: BuildOptions = BuildOptions()) -> dict[str, FamilyZoo]:
     """Load every configured family from the first source that has it; raise if none has any.
 
-    ``build`` says how a zoo is built here (see :func:`build_here`).
+    ``build`` says how a zoo is built here: the first family that must be built while no other is
+    ready gets its first variants before this returns (:func:`build_here`); any later one is
+    returned with no model yet, all of it pending, to be built in the background (:func:`build_later`).
     """
     reasons: list[str] = []
     use_hub = config.source in ("auto", "hub")
@@ -313,11 +358,12 @@ def resolve(config: SourceConfig, build: BuildOptions = BuildOptions()) -> dict[
             if error is not None:
                 reasons.append(f"{family} from the Hub: {error}")
                 use_hub = not _unreachable(error)  # don't wait for the same timeout once per family
-        zoo = zoo or _from_disk(config, family, reasons, build)
+        served = any(z.variants for z in families.values())
+        zoo = zoo or _from_disk(config, family, reasons, build, foreground=not served)
         if zoo is not None:
             families[family] = zoo
-            logger.info("%s: %s (%s%s)", family, zoo.origin, ", ".join(zoo.variants),
+            logger.info("%s: %s (%s%s)", family, zoo.origin, ", ".join(zoo.variants) or "no model yet",
                         f"; still to train: {', '.join(zoo.pending)}" if zoo.pending else "")
-    if not families:
+    if not any(z.variants for z in families.values()):
         raise SourceError("no model family could be loaded:\n  " + "\n  ".join(reasons))
     return families

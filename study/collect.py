@@ -7,11 +7,12 @@ compressed variant; every earlier FP32 seed for an FP32 seed), per batch:
   of GradCAM and saliency (families with object masks), deletion/insertion AUC (on
   ``deletion_images`` images spread over the stream);
 - per-image agreement with ``r``: same top-1, top-5 overlap, map Spearman and top-10% IoU;
-- representations of every residual block against ``r``'s same blocks: the per-batch unbiased
-  HSIC values of minibatch CKA (all block pairs) and CCA second moments per jackknife group
-  (diagonal, with the cross products of the shuffled-images pairing; between FP32 seeds also
-  all block pairs on ``match_images`` images, every block pooled to the coarsest grid, for the
-  layer-matching check);
+- representations of every block its architecture description names (a ResNet's residual
+  blocks; MobileNetV2's inverted-residual blocks and final 1x1 conv) against ``r``'s same
+  blocks: the per-batch unbiased HSIC values of minibatch CKA (all block pairs) and CCA second
+  moments per jackknife group (diagonal, with the cross products of the shuffled-images
+  pairing; between FP32 seeds also all block pairs on ``match_images`` images, every block
+  pooled to the coarsest grid, for the layer-matching check);
 - layer diagnostics against FP32: signal and error energy of each block's output (SQNR), and
   the activation values each quantizer clipped;
 - for the exemplar gallery (compressed variants): the first ``4 x exemplars`` images FP32 gets
@@ -42,12 +43,13 @@ from study.settings import Settings
 from study.shard import Shard
 from study.zoo import REFERENCE, StudyZoo
 from surgery import compression
+from surgery.architectures import architecture_of
 from surgery.attribution import explain
 from surgery.attribution.activations import LayerCapture
 from surgery.loading import load_variant
 from surgery.scoring import deletion_insertion, energy_in_mask, pointing_game
 from surgery.similarity import (CCAStream, MinibatchCKA, map_spearman, prediction_agreement, reduce_activation,
-                                residual_blocks, topk_iou, topk_overlap)
+                                topk_iou, topk_overlap)
 from surgery.similarity.cca import CCA_METHODS, ROWS_PER_DIRECTION_FLOOR
 from surgery.variants import parse_variant
 
@@ -66,7 +68,7 @@ class Outputs:
 
     logits: torch.Tensor
     maps: dict[str, torch.Tensor]
-    blocks: list[torch.Tensor]  # [b, positions, channels] per residual block
+    blocks: list[torch.Tensor]  # [b, positions, channels] per block
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -271,7 +273,7 @@ def collect_variant(zoo: StudyZoo, name: str, s: Settings, data: HeldOut | None 
     data = data or held_out(zoo.family, s, data_seed(zoo))
     models = models or ModelCache(zoo, s.device)
     model = models(name)
-    blocks = residual_blocks(model)
+    blocks = list(architecture_of(model).blocks)
     refs = zoo.references(name)
     spec = parse_variant(name)
     quantized = bool(compression.quantizers(model))

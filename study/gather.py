@@ -233,6 +233,7 @@ def gather(shards: list[Shard]) -> dict:
         "variants": {n: {"kind": sh.meta["kind"], "title": sh.meta["title"], "weights_sha256": sh.meta["weights_sha256"],
                          "references": sh.meta["references"]} for n, sh in study.shards.items()},
         "seeds": study.seeds,
+        "no_null": study.no_null,
         "seed_pairs": [f"{a} vs {b}" for a, b in study.seed_pairs()],
         "blocks": study.blocks,
         "interval": f"{confidence:.0%} delete-a-group jackknife over {study.G} groups of images "

@@ -52,13 +52,21 @@ class Study:
         self.settings = first["settings"]
         self.n = first["images"]
         self.blocks = first["blocks"]
-        self.num_classes = get_family(first["family"]).num_classes
+        family = get_family(first["family"])
+        self.num_classes = family.num_classes
         self.G = self.settings["groups"]
         self.batch = self.settings["batch_size"]
         self.groups = group_of(np.arange(self.n), self.G, self.batch)
         self.group_sizes = np.bincount(self.groups, minlength=self.G).astype(np.float64)
-        self.seeds = [n for n in names if parse_variant(n).kind == "fp32"]
+        # Seeds of the family's own recipe: another recipe's run (fp32-recipe<k>) is not a draw of the null.
+        self.seeds = [n for n in names if parse_variant(n).kind == "fp32" and not parse_variant(n).is_recipe_control]
         self.compressed = [n for n in names if parse_variant(n).kind != "fp32"]
+        # A pretrained FP32 used as it is has no seeds: there is no null, and no variant is said to
+        # differ from retraining.
+        self.no_null = None if family.has_fp32_seeds else (
+            f"The FP32 model of {family.name} is torchvision's pretrained {family.pretrained}, used as it is: it has "
+            "no seeds (another recipe's run, fp32-recipe<k>, is not a seed of this one), so there is no null and no "
+            "variant is said to differ from retraining.")
         for sh in shards:
             for ref in sh.meta["references"]:
                 if ref in self.shards and sh.meta["reference_sha256"][ref] != self.shards[ref].meta["weights_sha256"]:

@@ -82,7 +82,9 @@ def _finite(items: Sequence[Jackknife | None]) -> list[Jackknife]:
 
 
 def single_null(study: Study, metric: str, seeds: Sequence[str] | None = None) -> Null:
-    """The null of a model's own metric: the seeds' values."""
+    """The null of a model's own metric: the seeds' values (none where the zoo has no null)."""
+    if study.no_null:
+        return Null([], [], 0)
     values = _finite([study.single(s, metric) for s in (study.seeds if seeds is None else seeds)])
     return Null(values, values, len(values))
 
@@ -90,6 +92,8 @@ def single_null(study: Study, metric: str, seeds: Sequence[str] | None = None) -
 def comparison_null(study: Study, metric: str, reference: str = REFERENCE,
                     seeds: Sequence[str] | None = None) -> Null:
     """The null of a comparison with ``reference``: its pairs with the other seeds (centre) and every pair (spread)."""
+    if study.no_null:
+        return Null([], [], 0)
     seeds = list(study.seeds if seeds is None else seeds)
     centre = _finite([study.pair(reference, s, metric) for s in seeds if s != reference])
     spread = _finite([study.pair(a, b, metric) for a, b in study.seed_pairs(seeds)])

@@ -167,7 +167,8 @@ def _metrics_section(metrics: dict) -> list[str]:
             row = entry["variants"].get(n)
             cells.append("–" if row is None else f"{_cell(row['estimate'])}<br>{_verdict(row.get('verdict'))}")
         rows.append([html.escape(entry["title"]), null, *cells])
-    return ["<h2>Metrics against the seed null</h2>",
+    note = [f"<p class=note>{html.escape(metrics['no_null'])}</p>"] if metrics.get("no_null") else []
+    return ["<h2>Metrics against the seed null</h2>", *note,
             "<p>Each cell: the value with its interval over images, and the verdict of the rule above against the "
             "FP32 seeds (null values listed: single models for a model's own metric, every FP32-vs-FP32 pair for a "
             "comparison). <b>Worse</b>: beyond the one-sided prediction bound on the bad side.</p>",

@@ -6,7 +6,8 @@ Example:
     >>> maps = surgery.gradcam(model, images)
 """
 
-# The model zoo: registry, checkpoint format, loader.
+# The model zoo: architectures, registry, checkpoint format, loader.
+from surgery.architectures import Architecture, architecture_of
 from surgery.checkpoint import CheckpointError, Variant, read_config, save_variant
 from surgery.loading import load_variant
 from surgery.registry import FAMILIES, ModelFamily, build_model, get_family
@@ -22,8 +23,8 @@ from surgery.similarity import (Estimate, LayerSimilarity, MinibatchCKA, canonic
                                 topk_iou, topk_overlap)
 
 __all__ = [
-    "FAMILIES", "CheckpointError", "ModelFamily", "Variant",
-    "build_model", "get_family", "load_variant", "read_config", "save_variant",
+    "FAMILIES", "Architecture", "CheckpointError", "ModelFamily", "Variant",
+    "architecture_of", "build_model", "get_family", "load_variant", "read_config", "save_variant",
     "ActMaxResult", "Explanation", "activation_maximization", "explain", "gradcam", "normalize_maps", "saliency",
     "DeletionInsertion", "deletion_insertion", "energy_in_mask", "pointing_game",
     "Estimate", "LayerSimilarity", "MinibatchCKA", "canonical_correlations", "cka", "layer_similarity",

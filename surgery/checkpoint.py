@@ -37,7 +37,7 @@ from torch import nn
 
 from surgery import compression
 from surgery.devices import move, resolve_device
-from surgery.registry import build_from_architecture
+from surgery.architectures import build_from_architecture
 from surgery.variants import parse_variant
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """The one module that knows NNCF: quantize, prune, bake masks, serialise and restore.
 
 NNCF 3.x inserts its compression modules as hooks (under a ``__nncf_hooks`` submodule) and
-keeps the model's own class, so ``model.layer4`` still works on an INT8 or a sparse model.
+keeps the model's own class and attributes, so ``model.layer4`` still works on an INT8 or a
+sparse model, and so does its architecture description (``model.architecture``).
 Everything else in the project goes through these functions, so an NNCF upgrade touches one file.
 """
 
@@ -31,6 +32,8 @@ from nncf.torch.quantization import extensions as _extensions
 from nncf.torch.quantization.layers import BaseQuantizer, SymmetricQuantizer
 from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
 from torch import nn
+
+from surgery.architectures import architecture_of
 
 logger = logging.getLogger(__name__)
 
@@ -117,11 +120,13 @@ def named_quantizers(model: nn.Module) -> dict[str, BaseQuantizer]:
 def quantizer_roles(model: nn.Module, example: torch.Tensor) -> dict[str, QuantizerRole]:
     """Trace one forward of ``example`` to tell weight from activation quantizers and find the
     layers they serve. A weight quantizer receives the layer's weight parameter itself; an
-    activation quantizer's output is the input of the layers that read it (matched by storage)."""
+    activation quantizer's output is the input of the layers that read it (matched by storage).
+    The edges are the first convolution and the classifier named by the model's architecture
+    description (:func:`surgery.architectures.architecture_of`)."""
     named = named_quantizers(model)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    edges = {next(iter(n for n, m in layers.items() if isinstance(m, nn.Conv2d)), None),
-             next(iter(n for n, m in reversed(layers.items()) if isinstance(m, nn.Linear)), None)}
+    arch = architecture_of(model)
+    edges = {arch.first_conv, arch.classifier}
     owner = {id(m.weight): n for n, m in layers.items()}
     seen: dict[str, tuple[str | None, torch.Tensor | None]] = {}  # quantizer -> (weight owner, output)
     readers: dict[int, list[str]] = {}  # data_ptr of a layer's input -> layers reading it

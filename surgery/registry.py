@@ -1,9 +1,11 @@
-"""The one registry of model families: architecture, input size, normalisation, classes, recipes.
+"""The one registry of model families: data, input size, normalisation, classes, recipes, card text.
 
 A *family* is an architecture trained on one dataset (``resnet18-cifar10``); a *variant* is one
-member of the family's zoo (``fp32``, ``int8``, ``sparse90``). Every model built here takes images
-in [0, 1]: normalisation is the model's first operation, so attribution maps, activation
-maximisation and the app all work in plain pixel space.
+member of the family's zoo (``fp32``, ``int8``, ``sparse90``). The networks themselves are
+described apart, in :mod:`surgery.architectures` (builder, first convolution and classifier,
+blocks and stages, GradCAM layer); a family names one and sets its options. Every model built
+here takes images in [0, 1]: normalisation is the model's first operation, so attribution maps,
+activation maximisation and the app all work in plain pixel space.
 
 Example:
     >>> from surgery.registry import get_family, build_model
@@ -15,18 +17,16 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
-import torch
 import torchvision
 from torch import nn
 
+from surgery.architectures import Stem, build_from_architecture, get_architecture, load_pretrained
 from surgery.data.fashion_mnist import FASHION_MNIST_CLASSES
 from surgery.data.shapes import SHAPE_CLASSES
 from surgery.variants import VariantSpec
-
-logger = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -90,20 +90,6 @@ class CompressionRecipe:
 
 
 @dataclass(frozen=True)
-class Stem:
-    """The first convolution (``conv1``, 64 channels) and whether torchvision's 3x3 max-pool follows it.
-
-    torchvision's ImageNet stem is ``Stem(7, 2, maxpool=True)`` (stride 4 in all); the CIFAR stem is
-    ``Stem(3, 1, maxpool=False)``; ``Stem(3, 2, maxpool=False)`` halves 28x28 inputs once, so layer1
-    runs at 14x14 (a quarter of its cost under the CIFAR stem, at 28x28).
-    """
-
-    kernel: int = 7
-    stride: int = 2
-    maxpool: bool = True
-
-
-@dataclass(frozen=True)
 class DatasetCard:
     """What a model card says about a family's data: source, licence, citation, published anchor."""
 
@@ -127,11 +113,11 @@ class ModelFamily:
     class_names: tuple[str, ...]
     fp32: Recipe
     compression: CompressionRecipe
-    cifar_stem: bool = False  # shorthand for stem=Stem(kernel=3, stride=1, maxpool=False)
-    stem: Stem | None = None  # replaces torchvision's 7x7 stride-2 conv + max-pool when set
-    last_stage_stride: int = 2  # 1 keeps layer4 at layer3's resolution (finer GradCAM maps)
-    pretrained: str | None = None  # torchvision weights enum name, used where it can be downloaded
-    gradcam_layer: str = "layer4"
+    arch_options: dict[str, Any] = field(default_factory=dict)  # the architecture's options (its docs)
+    pretrained: str | None = None  # torchvision weights (``IMAGENET1K_V1``): the FP32 model starts from them
+    # torchvision's weights of independent training runs with other recipes: fp32-recipe1, ... (a
+    # pretrained family's only controls, where torchvision's download can be reached)
+    other_recipes: tuple[str, ...] = ()
     train_samples: int | None = None  # generated datasets only
     eval_samples: int | None = None
     description: str = ""
@@ -143,30 +129,43 @@ class ModelFamily:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def has_fp32_seeds(self) -> bool:
+        """Whether FP32 is trained here, so that another seed is another model (the null of the
+        study). A family whose FP32 is torchvision's weights as they are (0 epochs) has none."""
+        return self.pretrained is None or self.fp32.epochs > 0
+
+    def fp32_weights(self, spec: VariantSpec) -> str | None:
+        """The torchvision weights an FP32 variant starts from: ``pretrained``, or for
+        ``fp32-recipe<k>`` the k-th of ``other_recipes`` (``ValueError`` where there is none)."""
+        if not spec.recipe:
+            return self.pretrained
+        if spec.recipe > len(self.other_recipes):
+            raise ValueError(f"{self.name} has no {spec.name}: "
+                             + (f"its other training runs are {', '.join(self.other_recipes)}" if self.other_recipes
+                                else "no other training run of its FP32 is known"))
+        return self.other_recipes[spec.recipe - 1]
+
     def architecture(self) -> dict:
         """What ``build_model`` needs, as stored in every checkpoint's config."""
-        arch = {"arch": self.arch, "num_classes": self.num_classes, "input_size": self.input_size,
-                "mean": list(self.mean), "std": list(self.std), "cifar_stem": self.cifar_stem,
-                "last_stage_stride": self.last_stage_stride}
-        if self.stem is not None:
-            arch["stem"] = asdict(self.stem)
-        return arch
+        return get_architecture(self.arch).config(self.num_classes, self.input_size, self.mean, self.std,
+                                                  **self.arch_options)
 
 
-# Sized for 2 CPU cores. ResNet18 with a 4x4 layer4 costs ~0.22 GMAC a 28x28 image (layer4 alone 0.13):
-# ~27 ms of one core per training image was measured (under load), so ~14 ms on two, and a full
-# epoch of 60,000 images ~14 minutes. Two truncated epochs (176 steps of 256: 90,000 images,
-# three quarters of the data per epoch, reshuffled) of one-cycle AdamW leave room for INT8 and
-# sparse90 in the 30-minute budget.
+# Sized for 2 CPU cores with native bfloat16 (AVX-512 bf16 / AMX), where a training step of this
+# ResNet18 (~0.22 GMAC a 28x28 image, layer4 0.13) costs ~3.4 ms an image on two cores: five epochs
+# of one-cycle AdamW (2,345 steps of 128) leave room for INT8 and sparse90 in the 30-minute budget.
+# Without native bfloat16 the same steps cost about twice as much (README).
 # On a GPU, the anchor's setting (ResNet18 + crop/flip, 94.9%) is a full-length schedule, e.g.
 # ``--epochs 60 --lr 0.1`` with ``Recipe(epochs=60, lr=0.1, batch_size=128, weight_decay=5e-4,
 # warmup_epochs=1)`` (SGD, cosine); not measured here.
-FASHION_CPU_RECIPE = Recipe(epochs=2, lr=3e-3, batch_size=256, optimizer="adamw", weight_decay=0.05,
-                            warmup_epochs=0.15, steps_per_epoch=176, label_smoothing=0.1)
+FASHION_CPU_RECIPE = Recipe(epochs=5, lr=2e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
+                            warmup_epochs=0.25, label_smoothing=0.1, autocast="bfloat16")
 
 
 def _imagenet_classes() -> tuple[str, ...]:
-    # The class list ships inside torchvision's weight metadata: no download needed.
+    # The class list ships inside torchvision's weight metadata (the same for every network's
+    # ImageNet weights): no download needed.
     return tuple(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
@@ -181,7 +180,7 @@ FAMILIES: dict[str, ModelFamily] = {
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2470, 0.2435, 0.2616),
             class_names=CIFAR10_CLASSES,
-            cifar_stem=True,
+            arch_options={"cifar_stem": True},
             fp32=Recipe(epochs=50, lr=0.05, batch_size=512, milestones=(25, 40)),
             # GPU-scale (not run here): low bits and high sparsity fine-tune longer at lower rates,
             # as in LSQ's ResNet18 schedules scaled to CIFAR-10.
@@ -236,9 +235,10 @@ FAMILIES: dict[str, ModelFamily] = {
             mean=(0.5, 0.5, 0.5),
             std=(0.25, 0.25, 0.25),
             class_names=SHAPE_CLASSES,
-            last_stage_stride=1,
-            # Sized for 2 CPU cores without bfloat16 (README): FP32 in under 3 minutes, the default
-            # zoo in under 5. Small batches: in so few steps, more updates of the same images pay.
+            arch_options={"last_stage_stride": 1},
+            # 640 steps of 32 (2 epochs of 10,240 images): >= 97% on the held-out 1,000 over seeds, with
+            # or without native bfloat16 (README). Half the steps (5,120 images) stopped at 91.6-95.7%;
+            # at the same number of images, batches of 32 beat batches of 64 (more updates).
             fp32=Recipe(epochs=2, lr=3e-3, batch_size=32, optimizer="adamw", weight_decay=5e-4,
                         warmup_epochs=0.3, autocast="bfloat16"),
             # Sized for 2 CPU cores (~1.2 s a QAT step at 4 bits, ~0.5 s a sparse step); the figures
@@ -265,7 +265,7 @@ FAMILIES: dict[str, ModelFamily] = {
                 calibration_samples=512,
                 sparsity_ramp=0.35,
             ),
-            train_samples=5120,
+            train_samples=10240,
             eval_samples=1000,
             description="Offline family: ResNet18 (layer4 at stride 1: 4x4 maps at 64x64) on generated shapes with masks.",
         ),
@@ -279,8 +279,7 @@ FAMILIES: dict[str, ModelFamily] = {
             std=(0.3530, 0.3530, 0.3530),
             class_names=FASHION_MNIST_CLASSES,
             # 28 -> 14 (stem) -> 14, 7, 4, 4 (layer4 at stride 1): 4x4 GradCAM maps.
-            stem=Stem(kernel=3, stride=2, maxpool=False),
-            last_stage_stride=1,
+            arch_options={"stem": Stem(kernel=3, stride=2, maxpool=False), "last_stage_stride": 1},
             grayscale=True,
             fp32=FASHION_CPU_RECIPE,
             compression=CompressionRecipe(
@@ -297,9 +296,9 @@ FAMILIES: dict[str, ModelFamily] = {
                 # 120 steps (15,360 images): masks ramp to 90% over the first half, the rest recovers.
                 sparse={
                     0.9: Recipe(epochs=1, lr=1e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
-                                warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1),
+                                warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1, autocast="bfloat16"),
                     0.99: Recipe(epochs=2, lr=1e-3, batch_size=128, optimizer="adamw", weight_decay=0.05,
-                                 warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1),
+                                 warmup_epochs=0.05, steps_per_epoch=120, label_smoothing=0.1, autocast="bfloat16"),
                 },
                 calibration_samples=512,
                 sparsity_ramp=0.5,
@@ -317,6 +316,66 @@ FAMILIES: dict[str, ModelFamily] = {
                         "Zalando's Fashion-MNIST (28x28 gray, replicated to RGB), from Debian's "
                         "dataset-fashion-mnist.",
         ),
+        ModelFamily(
+            name="mobilenetv2-imagenet",
+            arch="mobilenet_v2",
+            dataset="imagenet",
+            input_size=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            class_names=_imagenet_classes(),
+            pretrained="IMAGENET1K_V1",
+            # Trained independently by torchvision with its newer recipe (ImageNet-val top-1 72.154%).
+            other_recipes=("IMAGENET1K_V2",),
+            # 0 epochs: torchvision's weights are the FP32 model (no training, no seeds); --epochs N
+            # trains on --data-root from random weights (SGD; torchvision's own recipe is 300 epochs).
+            fp32=Recipe(epochs=0, lr=0.045, batch_size=256, weight_decay=4e-5, milestones=(100, 200, 250)),
+            # A placeholder until the photo-distillation recipes land: INT8 after a short fine-tuning.
+            compression=CompressionRecipe(
+                quantized={8: Recipe(epochs=1, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0,
+                                     steps_per_epoch=8)},
+                sparse={0.99: Recipe(epochs=1, lr=1e-5, batch_size=32, optimizer="adamw", weight_decay=0.0,
+                                     steps_per_epoch=8)},
+                calibration_samples=320,
+            ),
+            dataset_card=DatasetCard(
+                name="ImageNet-1k (ILSVRC 2012)",
+                url="https://image-net.org/",
+                licence="ImageNet's terms of access (non-commercial research and education)",
+                citation="Olga Russakovsky et al. ImageNet Large Scale Visual Recognition Challenge. IJCV, 2015.",
+                anchor="torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 (this FP32 model): 71.878% top-1, "
+                       "90.286% top-5 on ImageNet-val; Sandler et al. 2018 report 72.0%.",
+            ),
+            description="A real ImageNet CNN offline: torchvision's MobileNetV2 at 224x224; FP32 is torchvision's "
+                        "pretrained IMAGENET1K_V1 weights (ImageNet-val top-1 71.878%), unchanged.",
+        ),
+        ModelFamily(
+            name="mobilenetv2-shapes",
+            arch="mobilenet_v2",
+            dataset="shapes",
+            input_size=64,
+            mean=IMAGENET_MEAN,  # what torchvision's features expect
+            std=IMAGENET_STD,
+            class_names=SHAPE_CLASSES,
+            # The last downsampling dropped: 4x4 maps at 64x64, as resnet18-shapes has.
+            arch_options={"last_stage_stride": 1},
+            # Transfer learning: torchvision's ImageNet features, a new 10-class classifier, fine-tuned.
+            pretrained="IMAGENET1K_V1",
+            fp32=Recipe(epochs=1, lr=1e-3, batch_size=32, optimizer="adamw", weight_decay=1e-4,
+                        warmup_epochs=0.2, autocast="bfloat16"),
+            compression=CompressionRecipe(
+                quantized={8: Recipe(epochs=1, lr=1e-4, batch_size=64, optimizer="adamw", weight_decay=0.0,
+                                     steps_per_epoch=16)},
+                sparse={0.99: Recipe(epochs=2, lr=5e-4, batch_size=64, optimizer="adamw", steps_per_epoch=32)},
+                calibration_samples=512,
+                sparsity_ramp=0.35,
+            ),
+            train_samples=5120,
+            eval_samples=1000,
+            description="MobileNetV2 offline on the generated shapes with masks: torchvision's ImageNet weights "
+                        "fine-tuned (last stage at stride 1: 4x4 maps at 64x64); the depthwise architecture in "
+                        "every tool, in minutes.",
+        ),
     )
 }
 
@@ -329,65 +388,14 @@ def get_family(name: str) -> ModelFamily:
         raise KeyError(f"unknown model family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
 
 
-class NormalizedResNet(torchvision.models.ResNet):
-    """torchvision's ResNet with input normalisation as its first step (images in [0, 1]).
-
-    It stays a ``torchvision.models.ResNet``: ``model.layer4`` and torchvision state dicts work
-    as usual; the normalisation constants are non-persistent buffers set by the registry.
-    """
-
-    def __init__(self, mean, std, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward((x - self.input_mean) / self.input_std)
-
-
-_BLOCKS = {
-    "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
-}
-
-
-def build_from_architecture(arch: dict) -> NormalizedResNet:
-    """Build an untrained model from an architecture dict (``ModelFamily.architecture()``)."""
-    if arch.get("arch") not in _BLOCKS:
-        raise ValueError(f"unsupported architecture {arch.get('arch')!r}; supported: {sorted(_BLOCKS)}")
-    block, layers = _BLOCKS[arch["arch"]]
-    model = NormalizedResNet(arch["mean"], arch["std"], block=block, layers=layers,
-                             num_classes=int(arch["num_classes"]))
-    stem = Stem(**arch["stem"]) if arch.get("stem") else (Stem(3, 1, maxpool=False) if arch.get("cifar_stem") else None)
-    if stem is not None:
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=stem.kernel, stride=stem.stride, padding=stem.kernel // 2,
-                                bias=False)
-        if not stem.maxpool:
-            model.maxpool = nn.Identity()
-    stride = int(arch.get("last_stage_stride", 2))
-    if stride not in (1, 2):
-        raise ValueError(f"last_stage_stride must be 1 or 2, got {stride}")
-    if stride == 1:
-        # torchvision's BasicBlock refuses dilation, so the stride is simply dropped: layer4
-        # keeps layer3's resolution, as in output-stride-16 ResNets.
-        first = model.layer4[0]
-        (first.conv2 if arch["arch"] == "resnet50" else first.conv1).stride = (1, 1)
-        first.downsample[0].stride = (1, 1)
-    return model
-
-
-def build_model(family: ModelFamily | str, pretrained: bool = False) -> NormalizedResNet:
-    """Build a family's network; ``pretrained`` loads torchvision's weights (needs a download once)."""
+def build_model(family: ModelFamily | str, pretrained: bool | str = False) -> nn.Module:
+    """Build a family's network; ``pretrained`` loads torchvision's weights (the family's, or those
+    named, e.g. ``"IMAGENET1K_V2"``; found or fetched, checked: :func:`surgery.architectures.load_pretrained`)."""
     family = get_family(family) if isinstance(family, str) else family
     model = build_from_architecture(family.architecture())
     if pretrained:
-        if family.pretrained is None:
+        name = pretrained if isinstance(pretrained, str) else family.pretrained
+        if name is None:
             raise ValueError(f"{family.name} has no pretrained torchvision weights")
-        weights = torchvision.models.get_weight(f"{_weights_enum(family.arch)}.{family.pretrained}")
-        logger.info("loading torchvision weights %s", weights)
-        model.load_state_dict(weights.get_state_dict(progress=True))
+        load_pretrained(model, name)
     return model
-
-
-def _weights_enum(arch: str) -> str:
-    return {"resnet18": "ResNet18_Weights", "resnet50": "ResNet50_Weights"}[arch]

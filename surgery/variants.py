@@ -10,6 +10,9 @@ A *variant name* is the directory name in a zoo and the suffix of its Hub repo
 ``sparse90`` ...   global magnitude sparsity: that percentage of conv and linear weights are zero
 ``<any>-seed<k>``  the same, trained (or derived from the FP32 model trained) with seed *k*:
                    ``fp32-seed1`` is the seed control of ``fp32``
+``fp32-recipe<k>``  an FP32 model from an independent training run with another recipe: for a
+                   pretrained family, which has no seeds, torchvision's other weights
+                   (``mobilenetv2-imagenet``: ``IMAGENET1K_V2``)
 =================  ==========================================================================
 
 The first convolution and the classifier of a quantized variant stay at 8 bits whatever *b*
@@ -38,6 +41,7 @@ DEFAULT_COLUMNS = ("fp32", "int8", "int4", "sparse90")
 
 _PATTERN = re.compile(r"^(?:(?P<fp32>fp32)|int(?P<bits>\d)|w(?P<wbits>\d)a(?P<abits>\d)|sparse(?P<percent>\d{1,2}))"
                       r"(?:-seed(?P<seed>\d+))?$")
+_RECIPE = re.compile(r"^fp32-recipe(?P<recipe>[1-9]\d*)$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class VariantSpec:
     weight_bits: int | None = None
     activation_bits: int | None = None
     sparsity: float | None = None  # the target fraction of zero weights
+    recipe: int = 0  # k of fp32-recipe<k>: another training run than the family's own
 
     @property
     def base(self) -> str:
@@ -62,8 +67,21 @@ class VariantSpec:
         return self.kind == "fp32" and self.seed != 0
 
     @property
+    def is_recipe_control(self) -> bool:
+        """An FP32 model of another training run with another recipe (not another seed)."""
+        return self.recipe != 0
+
+    @property
+    def is_control(self) -> bool:
+        """Another FP32 training run (a seed or a recipe control): what "differs" is measured against."""
+        return self.is_seed_control or self.is_recipe_control
+
+    @property
     def title(self) -> str:
-        """How a page names it: ``FP32``, ``INT4 (W4A4)``, ``W4A8``, ``95% sparse``, ``FP32, seed 1``."""
+        """How a page names it: ``FP32``, ``INT4 (W4A4)``, ``W4A8``, ``95% sparse``, ``FP32, seed 1``,
+        ``FP32, another recipe``."""
+        if self.recipe:
+            return "FP32, another recipe" + (f" ({self.recipe})" if self.recipe > 1 else "")
         if self.kind == "fp32":
             text = "FP32"
         elif self.kind == "quantized":
@@ -79,15 +97,18 @@ class VariantSpec:
         rank = KINDS.index(self.kind)
         level = ((-(self.weight_bits or 0), -(self.activation_bits or 0)) if self.kind == "quantized"
                  else (self.sparsity or 0.0, 0))
-        return (self.seed, rank, *level)
+        return (self.seed, self.recipe, rank, *level)
 
 
 def parse_variant(name: str) -> VariantSpec:
     """Parse a variant name; ``ValueError`` with the grammar for anything else."""
+    recipe = _RECIPE.match(str(name))
+    if recipe is not None:
+        return VariantSpec(name, "fp32", recipe=int(recipe["recipe"]))
     match = _PATTERN.match(str(name))
     if match is None:
         raise ValueError(f"not a variant name: {name!r}; expected fp32, int<b>, w<b>a<b> (b in {MIN_BITS}..{MAX_BITS}) "
-                         "or sparse<percent>, optionally followed by -seed<k>")
+                         "or sparse<percent>, optionally followed by -seed<k>; or fp32-recipe<k>")
     seed = int(match["seed"] or 0)
     if match["fp32"]:
         return VariantSpec(name, "fp32", seed)

@@ -339,12 +339,15 @@ def test_study_tab_says_how_to_compute_a_missing_study(client, tiny_zoo):
     assert f"python -m study --zoo {tiny_zoo}" in reading
 
 
-def test_only_the_quick_family_is_built_unless_asked(monkeypatch):
-    """A fresh `python app.py` trains shapes (minutes) only; Fashion-MNIST is built when named."""
+def test_the_default_families_built_here_are_the_offline_ones(monkeypatch):
+    """A fresh `python app.py` builds the pretrained MobileNetV2 first, then shapes and Fashion-MNIST
+    (in the background, where its files are); CIFAR-10 and ResNet50-ImageNet only come from a zoo."""
     monkeypatch.delenv("SURGERY_FAMILIES", raising=False)
     default = SourceConfig.from_env()
-    assert "resnet18-fashionmnist" in default.families
-    assert default.may_build("resnet18-shapes") and not default.may_build("resnet18-fashionmnist")
+    assert default.families[0] == "mobilenetv2-imagenet" and "resnet18-fashionmnist" in default.families
+    assert default.may_build("resnet18-shapes")
+    assert default.may_build("resnet18-fashionmnist") == offline_available("resnet18-fashionmnist")
+    assert not default.may_build("resnet18-cifar10") and not default.may_build("resnet50-imagenet")
     asked = SourceConfig.from_env(families="resnet18-fashionmnist")
     assert asked.may_build("resnet18-fashionmnist") == offline_available("resnet18-fashionmnist")
     assert not SourceConfig.from_env(families="resnet18-cifar10").may_build("resnet18-cifar10")

@@ -2,7 +2,8 @@
 
 Uploads an image, picks four variants, runs Explain and sees four columns fill with their maps;
 the screenshot is kept under ``artifacts/browser/``. Every request the page makes is recorded:
-none may leave the machine.
+none may leave the machine. On the first page (``mobilenetv2-imagenet``: torchvision's FP32 and its
+INT8), a photo of a cat uploaded is a cat to FP32.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import pytest
 from PIL import Image
 
 from chromium import ARTIFACTS, CHROMIUM, launch
+from space.examples import PHOTOS, photo_path
 from surgery.variants import parse_variant
 
 DEFAULT = ("fp32", "int8", "sparse90")  # the tiny zoo's default columns (it has no int4)
 CHOSEN = (*DEFAULT, "fp32-seed1")  # the visitor adds the seed control: four columns
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0"}
+CATS = {"tiger cat", "Egyptian cat", "tabby"}  # ImageNet's classes for a cat like scikit-image's chelsea
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed "
@@ -28,18 +31,24 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium
 
 
 @pytest.fixture(scope="module")
-def page(space_app):
-    requests: list[str] = []
-    with playwright_api.sync_playwright() as p:
+def browser():
+    with playwright_api.sync_playwright() as p:  # one per thread at a time: every test's pages share it
         browser = launch(p)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        page = context.new_page()
-        page.on("request", lambda request: requests.append(request.url))
-        page.goto(space_app.local_url)
-        page.wait_for_selector("#explain-image", timeout=60_000)
-        page.requests = requests
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(space_app, browser):
+    requests: list[str] = []
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(space_app.local_url)
+    page.wait_for_selector("#explain-image", timeout=60_000)
+    page.requests = requests
+    yield page
+    context.close()
 
 
 def _example(space_app, name: str) -> Path:
@@ -99,3 +108,43 @@ def test_a_bad_upload_shows_a_message_not_a_traceback(page, tmp_path):
 def test_the_page_requests_nothing_outside_the_machine(page):
     hosts = {urlsplit(url).hostname for url in page.requests if urlsplit(url).scheme in ("http", "https", "ws", "wss")}
     assert hosts and hosts <= LOCAL_HOSTS, hosts - LOCAL_HOSTS
+
+
+@pytest.fixture(scope="module")
+def first_page(mobilenet_imagenet_zoo, tmp_path_factory):
+    """The Space's first family, mobilenetv2-imagenet (FP32 and INT8), served in-process."""
+    from space.app import create_app
+
+    demo, launch_options = create_app(["--zoo", str(mobilenet_imagenet_zoo), "--source", "local",
+                                       "--families", "mobilenetv2-imagenet", "--feature-steps", "8",
+                                       "--cache-dir", str(tmp_path_factory.mktemp("first-page-cache"))])
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options)
+    yield demo
+    demo.close()
+
+
+def test_a_photo_of_a_cat_is_a_cat_to_fp32_on_the_first_page(first_page, browser):
+    cat = photo_path(next(p for p in PHOTOS if p.file == "chelsea.png"))
+    assert cat.name in {Path(e[0]["path"]).name for c in first_page.config["components"]
+                        if c.get("type") == "dataset" for e in c["props"]["samples"]}, "photos are its examples"
+    with browser.new_context(viewport={"width": 1400, "height": 1000}) as context:
+        page = context.new_page()
+        page.goto(first_page.local_url)
+        page.wait_for_selector("#explain-image", timeout=60_000)
+        picker = page.locator("#explain-variants")
+        assert all(picker.get_by_label(t, exact=True).is_checked() for t in ("FP32", "INT8 (W8A8)"))
+        page.set_input_files("#explain-image input[type=file]", str(cat))
+        page.wait_for_selector("#explain-image img", timeout=30_000)
+        page.click("#explain-button")
+        fp32, int8 = page.locator("#column-0"), page.locator("#column-1")
+        fp32.get_by_text("FP32", exact=True).wait_for(timeout=120_000)
+        int8.get_by_text("INT8 (W8A8)", exact=True).wait_for(timeout=120_000)
+        top1 = fp32.get_by_test_id("label-output-value")
+        top1.wait_for(timeout=120_000)
+        assert top1.inner_text().strip() in CATS, top1.inner_text()
+        for column in (fp32, int8):
+            maps = column.locator(".map img")
+            maps.first.wait_for(timeout=120_000)
+            assert maps.count() == 2
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "first_page_cat.png"), full_page=True)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import surgery
+from surgery.architectures import architecture_of
 from surgery.similarity import (MinibatchCKA, canonical_correlations, cka, layer_similarity, map_spearman,
-                                mean_ci, prediction_agreement, pwcca, residual_blocks, svcca, topk_iou,
-                                topk_overlap)
+                                mean_ci, prediction_agreement, pwcca, svcca, topk_iou, topk_overlap)
 from surgery.similarity.cca import MomentAccumulator, cca_scores, moments
 from surgery.similarity.stats import Estimate, bootstrap, grouped_mean, jackknife, jackknife_interval
 
@@ -270,8 +270,8 @@ def test_layer_similarity_on_fp32_int8_and_sparse_models(tiny_zoo):
         assert np.isnan(sim.values[0, 1]) and "positions" in sim.resampling
     pooled = layer_similarity(fp32, fp32, batches, ["layer2"], method="svcca", reduce="pool")
     assert pooled.values[0, 0] == pytest.approx(1.0, abs=1e-6) and pooled.groups == 3
-    assert residual_blocks(fp32) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1",
-                                     "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    assert architecture_of(fp32).blocks == ("layer1.0", "layer1.1", "layer2.0", "layer2.1",
+                                            "layer3.0", "layer3.1", "layer4.0", "layer4.1")
     with pytest.raises(ValueError, match="no submodule"):
         layer_similarity(fp32, fp32, batches, ["layer9"])
     with pytest.raises(ValueError, match="unknown similarity method"):

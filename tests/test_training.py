@@ -240,26 +240,38 @@ def imagenet_folder(tmp_path) -> Path:
     return tmp_path / "imagenet"
 
 
-def test_imagenet_path_with_torchvision_weights(imagenet_folder, tmp_path, monkeypatch):
-    """FP32 starts from torchvision's weights file (placed in the cache a download would fill)."""
+def test_imagenet_path_with_torchvision_weights(imagenet_folder, mobilenet_weights, tmp_path, monkeypatch):
+    """FP32 is torchvision's weights file (in the cache a download would fill), checked and used as it is."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(weights.url).name
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / mobilenet_weights.name
     cached.parent.mkdir(parents=True)
-    reference = torchvision.models.resnet50()
-    torch.save(reference.state_dict(), cached)
+    cached.symlink_to(mobilenet_weights)
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(torch.load(mobilenet_weights, weights_only=True))
     out = tmp_path / "zoo"
     common = ["--data-root", str(imagenet_folder), "--batch-size", "2", "--max-steps", "1", "--workers", "0",
               "--train-samples", "4", "--eval-samples", "4"]
-    assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(out / "fp32"), *common]) == 0
-    assert read_config(out / "fp32")["compression"]["init"] == "torchvision IMAGENET1K_V2"
+    assert training_main(["fp32", "--family", "mobilenetv2-imagenet", "--out", str(out / "fp32"), *common]) == 0
+    assert read_config(out / "fp32")["compression"]["init"] == "torchvision IMAGENET1K_V1"
     model, _ = load_variant(out / "fp32")
-    assert torch.equal(model.fc.weight, reference.fc.weight)  # 0 epochs: the torchvision weights as they are
+    assert torch.equal(model.classifier[1].weight, reference.classifier[1].weight)  # 0 epochs: as they are
     assert training_main(["int8", "--fp32", str(out / "fp32"), "--out", str(out / "int8"),
                           "--calibration-samples", "2", *common]) == 0
     int8, config = load_variant(out / "int8")
     assert config["metrics"]["eval_samples"] == 4 and len(config["compression"]["quantizers"]) > 50
     assert {q["bits"] for q in config["compression"]["quantizers"].values()} == {8}
+
+
+def test_a_weights_file_that_is_not_torchvisions_is_refused(imagenet_folder, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    name = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url).name
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / name
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), cached)  # right keys, not torchvision's weights
+    assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(tmp_path / "o"),
+                          "--data-root", str(imagenet_folder)]) == 2
+    assert f"{cached}: SHA-256" in caplog.text and "not that of torchvision's" in caplog.text
+    assert not (tmp_path / "o" / "config.json").exists()
 
 
 def test_imagenet_without_weights_needs_epochs(imagenet_folder, tmp_path, monkeypatch, caplog):
@@ -268,7 +280,7 @@ def test_imagenet_without_weights_needs_epochs(imagenet_folder, tmp_path, monkey
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(tmp_path / "o"),
                           "--data-root", str(imagenet_folder)]) == 2
-    assert "pass --epochs" in caplog.text
+    assert "network unreachable" in caplog.text and "pass --epochs" in caplog.text
 
 
 # --- distributed and resume ------------------------------------------------------------------------

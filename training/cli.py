@@ -288,6 +288,13 @@ def build_zoo(family: str, out: str | Path, variants: Iterable[str] | None = Non
     s = settings or Settings()
     ctx = ctx or distributed.Context(device=resolve_device(s.device))
     names = zoo_variants(variants, ladder, seeds)
+    seeded = [n for n in names if parse_variant(n).seed]
+    if seeded and not spec_family.has_fp32_seeds:
+        others = ", ".join(f"fp32-recipe{k} (torchvision's {w}, another recipe)"
+                           for k, w in enumerate(spec_family.other_recipes, 1))
+        raise ValueError(f"{family} has no FP32 seeds: its FP32 is torchvision's {spec_family.pretrained} weights as "
+                         f"they are, so another seed would give the same model ({', '.join(seeded)})"
+                         + (f"; its other training run is {others}" if others else ""))
     started = time.perf_counter()
     jobs: dict[int, Job] = {}
     sources: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # seed -> FP32 model, its predictions

@@ -11,7 +11,6 @@ import copy
 import logging
 import shutil
 import time
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from surgery import compression
+from surgery.architectures import WeightsUnavailable
 from surgery.checkpoint import VariantInfo, save_variant
 from surgery.registry import ModelFamily, Recipe, build_model
-from surgery.variants import VariantSpec
+from surgery.variants import VariantSpec, parse_variant
 from training import distributed
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
@@ -71,27 +71,45 @@ def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, reci
     return metrics, logits.argmax(1)
 
 
-def initial_fp32(family: ModelFamily) -> tuple[nn.Module, str]:
-    """The family's starting point: torchvision's weights where they can be had, else random."""
-    if family.pretrained is None:
+def initial_fp32(family: ModelFamily, required: bool = False, weights: str | None = None) -> tuple[nn.Module, str]:
+    """The family's starting point: torchvision's weights (``weights``, default the family's) where
+    they can be had, else random.
+
+    With ``required`` (a recipe of 0 epochs: the weights *are* the FP32 model; or another
+    recipe's run) a missing or refused weights file is an error, with the message that names the
+    ways to get it.
+    """
+    weights = weights or family.pretrained
+    if weights is None:
         return build_model(family), "random"
     try:
-        return build_model(family, pretrained=True), f"torchvision {family.pretrained}"
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        logger.warning("torchvision weights %s unavailable (%s): starting from random weights",
-                       family.pretrained, exc)
+        return build_model(family, pretrained=weights), f"torchvision {weights}"
+    except WeightsUnavailable as exc:
+        if required:
+            raise
+        logger.warning("%s: starting from random weights", exc)
         return build_model(family), "random (torchvision weights unavailable)"
 
 
 def train_fp32(job: Job, recipe: Recipe, out: Path, variant: str = "fp32") -> tuple[nn.Module, dict, torch.Tensor]:
+    """Train (or, with 0 epochs, take torchvision's weights as) the FP32 model ``variant``:
+    ``fp32``, a seed control ``fp32-seed<k>`` or another recipe's run ``fp32-recipe<k>``."""
     started = time.perf_counter()
     seed_everything(job.seed)
-    model, init = initial_fp32(job.family)
-    if recipe.epochs == 0 and init.startswith("random"):
-        raise ValueError(f"{job.family.name}: 0 epochs from random weights would save an untrained model; "
-                         "pass --epochs")
-    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=variant, workers=job.workers)
+    spec = parse_variant(variant)
+    try:
+        model, init = initial_fp32(job.family, required=recipe.epochs == 0 or spec.is_recipe_control,
+                                   weights=job.family.fp32_weights(spec))
+    except WeightsUnavailable as exc:
+        if spec.is_recipe_control:
+            raise
+        # 0 epochs from random weights would save an untrained model.
+        raise WeightsUnavailable(f"{exc} Or pass --epochs to train {job.family.name} from random weights.") from None
+    if recipe.epochs:
+        model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                    desc=variant, workers=job.workers)
+    else:  # torchvision's weights are the model, as they are: no training data is read
+        model.to(job.ctx.device)
     metrics, predictions = _finish(model, job, out, variant, "fp32", recipe, {"method": None, "init": init},
                                    None, started)
     return model, metrics, predictions

@@ -49,7 +49,6 @@ from surgery.actmax.param import FourierImage
 from surgery.actmax.transform import standard_transforms
 from surgery.attribution.activations import LayerCapture
 from surgery.attribution.base import check_model
-from surgery.registry import FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +105,8 @@ def activation_maximization(
         channels: channel (or class) indices; all are optimised together as one batch.
         objective: ``"channel"`` (spatial mean), ``"neuron"`` (centre position) or ``"logit"``.
         steps, lr: Adam steps and learning rate (Lucent's default 0.05).
-        size: image side in pixels; None takes the input size of the registered family whose
-            normalisation and class count the model has.
+        size: image side in pixels; None takes the input size the model was built for (the
+            ``architecture`` of its config).
         seed: image ``i`` starts from seed ``(seed, channels[i])`` and the transformations
             follow ``seed``: same arguments, same images.
         gradient: ``"ste"`` or ``"true"``, how to differentiate NNCF quantizers (module docstring).
@@ -119,7 +118,7 @@ def activation_maximization(
     _check_arguments(layer, objective, steps, gradient)
     device = check_model(model)
     channel_list = _channel_list(channels)
-    size = size or _family_input_size(model)
+    size = size or _input_size(model)
     image = FourierImage.random(len(channel_list), size, [_image_seed(seed, c) for c in channel_list],
                                 decorrelate=decorrelate, device=device)
     index = torch.tensor(channel_list, device=device)
@@ -215,14 +214,9 @@ def _image_seed(seed: int, channel: int) -> int:
     return int(np.random.SeedSequence([seed, channel]).generate_state(1)[0])
 
 
-def _family_input_size(model: nn.Module) -> int:
-    """Input size of the one registered family whose normalisation and class count fit the model."""
-    mean, std, fc = (getattr(model, name, None) for name in ("input_mean", "input_std", "fc"))
-    if mean is not None and std is not None and isinstance(fc, nn.Linear):
-        found = {f.input_size for f in FAMILIES.values()
-                 if f.num_classes == fc.out_features
-                 and torch.allclose(mean.flatten().cpu(), torch.tensor(f.mean))
-                 and torch.allclose(std.flatten().cpu(), torch.tensor(f.std))}
-        if len(found) == 1:
-            return found.pop()
-    raise ValueError(f"cannot tell the input size of this {type(model).__name__}; pass size=")
+def _input_size(model: nn.Module) -> int:
+    """The input size the model was built for (its architecture config), else a ``ValueError``."""
+    config = getattr(model, "arch_config", None)
+    if not isinstance(config, dict) or "input_size" not in config:
+        raise ValueError(f"cannot tell the input size of this {type(model).__name__}; pass size=")
+    return int(config["input_size"])

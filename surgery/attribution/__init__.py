@@ -1,6 +1,6 @@
 """Attribution maps that work alike on FP32, NNCF INT8 and sparse models.
 
-- :func:`gradcam`: GradCAM at a layer (default: the family's last conv block);
+- :func:`gradcam`: GradCAM at a layer (default: the model's GradCAM layer, from its architecture);
 - :func:`saliency`: vanilla gradient, SmoothGrad, Integrated Gradients;
 - :func:`explain`: prediction, GradCAM and gradient saliency from one forward and one backward.
 
@@ -13,11 +13,11 @@ Example:
     >>> e = explain(model, images)
 """
 
-from surgery.attribution.activations import DEFAULT_LAYER, LayerCapture, resolve_layer
+from surgery.attribution.activations import LayerCapture, resolve_layer
 from surgery.attribution.base import normalize_maps
 from surgery.attribution.explain import Explanation, explain
 from surgery.attribution.gradcam import gradcam
 from surgery.attribution.saliency import METHODS, saliency
 
-__all__ = ["DEFAULT_LAYER", "METHODS", "Explanation", "LayerCapture", "explain", "gradcam",
+__all__ = ["METHODS", "Explanation", "LayerCapture", "explain", "gradcam",
            "normalize_maps", "resolve_layer", "saliency"]

@@ -20,27 +20,34 @@ import threading
 import torch
 from torch import nn
 
-from surgery.registry import ModelFamily
-
-DEFAULT_LAYER: str = ModelFamily.gradcam_layer  # the registry's default: the last conv block
+from surgery.architectures import architecture_of
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None) -> tuple[str, nn.Module]:
-    """``(name, module)`` for a dotted submodule name, a submodule, or None (the registry default)."""
+    """``(name, module)`` for a dotted submodule name, a submodule, or None (the model's GradCAM
+    layer, from its architecture description: :func:`surgery.architectures.architecture_of`)."""
     if layer is None:
-        layer = DEFAULT_LAYER
+        layer = architecture_of(model).gradcam_layer
     if isinstance(layer, str):
         try:
             return layer, model.get_submodule(layer)
         except AttributeError:
-            raise ValueError(f"model {type(model).__name__} has no submodule {layer!r} "
-                             f"(e.g. {DEFAULT_LAYER!r})") from None
+            stages = ", ".join(repr(s) for s in _stages(model))
+            raise ValueError(f"model {type(model).__name__} has no submodule {layer!r}"
+                             f"{f' (its stages: {stages})' if stages else ''}") from None
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
                 return name, module
         raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
     raise TypeError(f"layer must be a module name, a module or None, got {type(layer).__name__}")
+
+
+def _stages(model: nn.Module) -> tuple[str, ...]:
+    try:
+        return architecture_of(model).stages
+    except ValueError:
+        return ()
 
 
 class LayerCapture:

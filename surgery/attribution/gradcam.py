@@ -25,8 +25,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: Target = None,
         model: an eval-mode classifier taking images in [0, 1] (FP32, NNCF INT8 or sparse).
         x: images ``[N, 3, H, W]`` in [0, 1].
         target: class per image; None explains each image's predicted class.
-        layer: module name (``"layer4"``), module, or None for the registry default
-            (``ModelFamily.gradcam_layer``: the last conv block).
+        layer: module name (``"layer4"``), module, or None for the model's GradCAM layer
+            (``architecture_of(model).gradcam_layer``: ``layer4``, ``features.18``).
 
     The map is ``ReLU(sum_k mean_ij(dy/dA_kij) * A_k)``, upsampled bilinearly (as Captum's
     ``LayerAttribution.interpolate(..., "bilinear")``) and divided by its maximum

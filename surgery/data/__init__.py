@@ -1,7 +1,10 @@
 """Datasets of the registered families, as ``(train, eval)`` pairs of image datasets in [0, 1].
 
 - ``cifar10``: torchvision's CIFAR10 under ``root`` (downloaded there when ``download`` is set);
-- ``imagenet``: an ImageFolder tree ``root/train/<wnid>/*`` and ``root/val/<wnid>/*``;
+- ``imagenet``: an ImageFolder tree ``root/train/<wnid>/*`` and ``root/val/<wnid>/*`` (or class folders
+  named by their ImageNet index, ``root/val/243/*``, for a subset of the classes); without a root,
+  natural photos shipped inside installed packages (:mod:`surgery.data.photos`): augmented crops
+  of the fitting photos to train on, fixed crops of the held-out photos to evaluate on, unlabelled;
 - ``shapes``: generated from the seed, with masks (:mod:`surgery.data.shapes`);
 - ``fashion-mnist``: Zalando's original files, Debian's by default (:mod:`surgery.data.fashion_mnist`).
 
@@ -18,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
-from surgery.data import fashion_mnist
+from surgery.data import fashion_mnist, photos
 from surgery.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTFiles
 from surgery.data.shapes import SHAPE_CLASSES, ShapesDataset, ShapesSpec
 
@@ -36,7 +39,8 @@ IN_MEMORY = frozenset({"shapes", "fashion-mnist"})
 
 def offline_available(family: ModelFamily | str) -> bool:
     """Whether ``family``'s data is on this machine without a download: generated shapes always,
-    Fashion-MNIST when Debian's ``dataset-fashion-mnist`` files are found, the others never.
+    Fashion-MNIST when Debian's ``dataset-fashion-mnist`` files are found, ImageNet families when
+    the package photos are installed (they fit and evaluate on those), CIFAR-10 never.
 
     Example:
         >>> offline_available("resnet18-shapes")
@@ -50,6 +54,8 @@ def offline_available(family: ModelFamily | str) -> bool:
         return True
     if family.dataset == "fashion-mnist":
         return fashion_mnist.find_files() is not None
+    if family.dataset == "imagenet":
+        return photos.available()
     return False
 
 
@@ -69,6 +75,10 @@ def build_dataset(family: ModelFamily, split: str, root: str | Path | None = Non
         return ShapesDataset(spec, progress=True)
     if family.dataset == "fashion-mnist":  # Debian's files when no root is given
         return _cap(FashionMNISTFiles(root, train=train, augment=train, download=download), samples)
+    if family.dataset == "imagenet" and root is None:
+        if train:
+            return photos.PhotoCrops(family.input_size, samples or family.train_samples or photos.FIT_SAMPLES)
+        return _cap(photos.HeldOutCrops(family.input_size), samples)
     if root is None:
         raise ValueError(f"{family.name} needs --data-root pointing at the {family.dataset} data")
     if family.dataset == "cifar10":
@@ -113,10 +123,17 @@ def _imagenet(root: Path, family: ModelFamily, train: bool) -> Dataset:
         raise FileNotFoundError(f"ImageNet folder {folder} not found: expected "
                                 f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG")
     dataset = datasets.ImageFolder(str(folder), transform=transform)
-    # Label i must mean class_names[i]: the wnid folders, sorted, are torchvision's class order.
-    if len(dataset.classes) != family.num_classes:
+    # Label i must mean class_names[i]: the wnid folders, sorted, are torchvision's class order;
+    # folders named by class index say it themselves (any subset of the classes).
+    if all(c.isdigit() and int(c) < family.num_classes for c in dataset.classes):
+        dataset.samples = [(path, int(dataset.classes[t])) for path, t in dataset.samples]
+        dataset.imgs = dataset.samples
+        dataset.targets = [t for _, t in dataset.samples]
+        dataset.class_to_idx = {c: int(c) for c in dataset.classes}
+    elif len(dataset.classes) != family.num_classes:
         raise ValueError(f"{folder}: found {len(dataset.classes)} class folders, {family.name} needs "
-                         f"{family.num_classes} (one per ImageNet synset)")
+                         f"{family.num_classes} (one per ImageNet synset), or folders named by class index "
+                         f"0..{family.num_classes - 1} (e.g. {folder}/243/)")
     return dataset
 
 

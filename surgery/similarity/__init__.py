@@ -18,12 +18,12 @@ from surgery.similarity.agreement import map_spearman, prediction_agreement, top
 from surgery.similarity.cca import MomentAccumulator, canonical_correlations, pwcca, svcca
 from surgery.similarity.cka import MinibatchCKA, cka
 from surgery.similarity.representations import (CCAStream, LayerSimilarity, iter_activations, layer_similarity,
-                                                matched_positions, reduce_activation, residual_blocks, streamed_cka)
+                                                matched_positions, reduce_activation, streamed_cka)
 from surgery.similarity.stats import Estimate, Jackknife, bootstrap, group_of, grouped_mean, jackknife, mean_ci
 
 __all__ = [
     "CCAStream", "Estimate", "Jackknife", "LayerSimilarity", "MinibatchCKA", "MomentAccumulator", "bootstrap",
     "canonical_correlations", "cka", "group_of", "grouped_mean", "iter_activations", "jackknife",
     "layer_similarity", "map_spearman", "matched_positions", "mean_ci", "prediction_agreement", "pwcca",
-    "reduce_activation", "residual_blocks", "streamed_cka", "svcca", "top_pixels", "topk_iou", "topk_overlap",
+    "reduce_activation", "streamed_cka", "svcca", "top_pixels", "topk_iou", "topk_overlap",
 ]

@@ -40,15 +40,6 @@ REDUCTIONS = ("flatten", "pool", "positions")
 METHODS = ("cka",) + CCA_METHODS
 
 
-def residual_blocks(model: nn.Module) -> list[str]:
-    """A ResNet's residual blocks in order (``layer1.0`` ... ``layer4.1``): where variants are compared."""
-    blocks = [f"{stage}.{i}" for stage, module in model.named_children()
-              if stage.startswith("layer") and isinstance(module, nn.Sequential) for i in range(len(module))]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no ResNet stages (layer1, layer2, ...)")
-    return blocks
-
-
 def reduce_activation(a: torch.Tensor, how: str) -> torch.Tensor:
     """Turn one layer's batch output into rows for a similarity measure.
 

@@ -1,0 +1,86 @@
+"""A pretrained family (mobilenetv2-imagenet): FP32 is torchvision's weights as they are, so it has no seeds.
+
+The zoo (``mobilenet_imagenet_zoo``) is built through the training CLI on a stand-in ImageNet
+folder (``--data-root``: one random image per class) with FP32 from torchvision's real file: what
+the training CLI, the study, the Space and the model card say about a family that has no FP32
+seeds, and the offline message of its one possible other training run (torchvision's
+``IMAGENET1K_V2``, another recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from conftest import IMAGENET_STAND_IN_ARGS
+from hub_export.card import model_card
+from space.session import Session
+from space.study_tab import load_study
+from space.zoo_source import BuildOptions, SourceConfig, resolve
+from study.__main__ import main as study_main
+from surgery.checkpoint import read_config
+from surgery.registry import get_family
+from surgery.variants import parse_variant
+from training.cli import main as training_main
+
+FAMILY = "mobilenetv2-imagenet"
+V2 = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2
+NO_CLAIM = "no variant is said to differ from retraining"
+
+
+def _data(root: Path) -> list[str]:
+    return ["--data-root", str(root), *IMAGENET_STAND_IN_ARGS]
+
+
+def test_seed_controls_are_refused_at_once_naming_the_other_recipe(tmp_path, caplog):
+    started = time.perf_counter()
+    assert training_main(["zoo", "--family", FAMILY, "--out", str(tmp_path / "zoo"), "--seeds", "2"]) == 2
+    assert time.perf_counter() - started < 5  # before any data or model is touched
+    assert "has no FP32 seeds" in caplog.text and "fp32-seed1" in caplog.text
+    assert "fp32-recipe1 (torchvision's IMAGENET1K_V2, another recipe)" in caplog.text
+    assert BuildOptions().plan(FAMILY) == ["fp32", "int8", "sparse90"]  # the Space plans no seed control either
+
+
+def test_another_recipe_offline_is_one_message_naming_torchvisions_download(imagenet_stand_in, tmp_path, monkeypatch,
+                                                                            caplog, mobilenet_weights):
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("Name or service not known")))
+    spec = parse_variant("fp32-recipe1")
+    assert spec.is_recipe_control and not spec.is_seed_control and spec.title == "FP32, another recipe"
+    assert training_main(["zoo", "--family", FAMILY, "--out", str(tmp_path / "zoo"), "--variants", "fp32-recipe1",
+                          *_data(imagenet_stand_in)]) == 2
+    assert V2.url in caplog.text and "no package on PyPI is known to ship it" in caplog.text
+    assert "pass --epochs" not in caplog.text  # another recipe's run is its weights or nothing
+    assert not (tmp_path / "zoo" / "fp32-recipe1" / "config.json").exists()
+
+
+def test_the_card_says_fp32_is_torchvisions_weights_as_they_are(mobilenet_imagenet_zoo):
+    card = str(model_card(read_config(mobilenet_imagenet_zoo / "fp32"), f"org/{FAMILY}-fp32"))
+    assert "torchvision's pretrained IMAGENET1K_V1 weights, as they are (no seeds)" in card
+    assert "71.878%" in card  # the published figure of these very weights, from the registry's card text
+
+
+def test_the_study_says_there_is_no_null_and_claims_nothing(mobilenet_imagenet_zoo, imagenet_stand_in, tmp_path):
+    assert study_main(["--zoo", str(mobilenet_imagenet_zoo), "--out", str(tmp_path),
+                       "--data-root", str(imagenet_stand_in), "--images", "8", "--batch-size", "4", "--groups", "2",
+                       "--deletion-images", "0", "--match-images", "4", "--exemplars", "1"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert NO_CLAIM in metrics["no_null"] and metrics["seeds"] == ["fp32"]
+    verdicts = [row["verdict"] for entry in metrics["metrics"].values() for row in entry["variants"].values()
+                if "verdict" in row]
+    assert verdicts and all(v["null"] == 0 and not v["worse"] and v["side"] is None for v in verdicts)
+    assert NO_CLAIM in (tmp_path / "report.html").read_text()
+    tab = load_study(tmp_path, list(get_family(FAMILY).class_names))  # the Space's Study tab
+    assert NO_CLAIM in tab.reading and "worse than" not in tab.reading
+
+
+def test_the_space_says_there_are_no_seeds_and_claims_nothing(mobilenet_imagenet_zoo, tmp_path):
+    session = Session(resolve(SourceConfig(families=(FAMILY,), zoo=mobilenet_imagenet_zoo, source="local")), tmp_path)
+    assert session.controls(FAMILY) == []
+    reading = session.representations(FAMILY, ["fp32", "int8"]).reading
+    assert NO_CLAIM in reading and "IMAGENET1K_V1" in reading
+    assert "changes the representations" not in reading
