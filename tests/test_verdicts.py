@@ -19,6 +19,7 @@ import pytest
 
 from study.classes import detectable_loss, holm, paired_difference, per_class, relative_change_p
 from study.null import Null, fixed_sequence, layer_reading, verdict
+from surgery.registry import get_family
 from surgery.similarity import Jackknife, LayerSimilarity, cka, grouped_mean
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,10 +205,11 @@ def test_grouped_mean_contrast_has_the_images_standard_error():
 def test_the_space_reading_states_the_study_verdict_with_two_controls():
     from space.session import _reading
 
+    family = get_family("resnet18-shapes")
     pairs = {"int8": _similarity([0.93, 0.50], spread=0.001), "fp32-seed1": _similarity([0.90, 0.80]),
              "fp32-seed2": _similarity([0.92, 0.82])}
-    text = _reading(pairs, ["fp32-seed1", "fp32-seed2"], [_similarity([0.91, 0.78])])
+    text = _reading(pairs, ["fp32-seed1", "fp32-seed2"], [_similarity([0.91, 0.78])], family)
     assert "FP32 seeds: fp32, fp32-seed1, fp32-seed2." in text and "false-positive rate 5% per metric" in text
     assert "- int8 is further from FP32 than retraining at 1 of 2 layers (`l2`)" in text
-    one_control = _reading({k: pairs[k] for k in ("int8", "fp32-seed1")}, ["fp32-seed1"], [])
+    one_control = _reading({k: pairs[k] for k in ("int8", "fp32-seed1")}, ["fp32-seed1"], [], family)
     assert "No verdict: the rule needs at least 3 FP32 seeds" in one_control and "further" not in one_control
