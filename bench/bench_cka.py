@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y = (t.to(device) for t in features(args.images))
     n = args.images
 
-    functions = {"full linear CKA": lambda: cka(x, y), "full debiased CKA": lambda: cka(x, y, debiased=True)}
+    functions = {"full linear CKA": lambda: cka(x, y, estimator="biased"), "full debiased CKA": lambda: cka(x, y)}
     functions.update({f"minibatch CKA, batch {b}": (lambda b=b: minibatch(x, y, b)) for b in args.batch})
     values = {name: fn() for name, fn in functions.items()}
     medians = measure(functions, args.repeats, sync=synchronizer(device))

@@ -12,8 +12,15 @@ holds the population value, for
 and the share of bootstrap intervals that miss their own point estimate. A nominal 95% interval
 should cover about 95% (binomial standard error over R replications: sqrt(.95 .05 / R)).
 
+``--regime report``: SVCCA and PWCCA in the study's regime instead,
+:class:`surgery.similarity.synthetic.SpectrumPair` (512 channels with a power-law spectrum, 16
+positions per image correlated by ``--within-image``, ``--rows-per-direction`` rows per
+channel): the plug-in estimate, the jackknife bias-corrected one the study reports (SVCCA's kept
+dimensions fixed from all images) and its interval, and the shuffled-images baseline.
+
 Usage:
     python bench/bench_coverage.py [--replications 1000] [--images 320] [--batch 16] [--groups 20] [--boot 200]
+    python bench/bench_coverage.py --regime report [--replications 100] [--rows-per-direction 8] [--within-image 0]
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from surgery.similarity.cca import MomentAccumulator, cca_scores, moments  # noqa: E402
 from surgery.similarity.cka import MinibatchCKA  # noqa: E402
 from surgery.similarity.stats import percentile_interval, resample_counts  # noqa: E402
-from surgery.similarity.synthetic import SyntheticPair  # noqa: E402
+from surgery.similarity.synthetic import SpectrumPair, SyntheticPair  # noqa: E402
 
 
 def one(model: SyntheticPair, seed: int, images: int, batch: int, groups: int, boot: int) -> dict:
@@ -61,15 +68,63 @@ def one(model: SyntheticPair, seed: int, images: int, batch: int, groups: int, b
     return out
 
 
+def report_regime(model: SpectrumPair, seed: int, images: int, batch: int, groups: int) -> dict:
+    """One replication in the study's regime: ``{name: (estimate, low, high, truth)}``."""
+    x, y = model.sample(images, seed)
+    acc = MomentAccumulator(groups)
+    for k, (xb, yb) in enumerate(zip(x.split(batch), y.split(batch))):
+        shifted = torch.cat([yb[-1:], yb[:-1]])  # each image paired with the previous one: the shuffled baseline
+        acc.update(xb.reshape(-1, model.channels), yb.reshape(-1, model.channels), k % groups, len(xb),
+                   shifted.reshape(-1, model.channels))
+    out = {}
+    for shuffled in (False, True):
+        for m, jk in acc.jackknife(shuffled=shuffled).items():
+            truth = 0.0 if shuffled else model.svcca(jk.extra["kept"]) if m == "svcca" else model.pwcca()
+            tag = f"{m}{' shuffled' if shuffled else ''}"
+            low, high = jk.interval()
+            out[f"{tag}, plug-in"] = (float(jk.value), float(low), float(high), truth)
+            corrected = jk.bias_corrected(acc.group_rows)
+            low, high = corrected.interval()
+            out[f"{tag}, bias-corrected"] = (float(corrected.value), float(low), float(high), truth)
+    return out
+
+
+def main_report(args: argparse.Namespace) -> None:
+    model = SpectrumPair(within_image=args.within_image)
+    images = args.rows_per_direction * model.channels // model.positions
+    start = time.perf_counter()
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for seed in range(args.replications):
+        for k, v in report_regime(model, seed, images, args.batch, args.groups).items():
+            rows.setdefault(k, []).append(v)
+    print(f"{args.replications} replications, {model.channels} channels, {images} images x {model.positions} positions "
+          f"({args.rows_per_direction} rows per direction; within-image correlation {args.within_image}), batches of "
+          f"{args.batch}, {args.groups} jackknife groups; {time.perf_counter() - start:.0f} s")
+    print("| estimate | population | mean estimate | bias | s.d. | mean 95% half-width / 1.96 | coverage |")
+    print("|---|---|---|---|---|---|---|")
+    for k, values in rows.items():
+        v = np.array(values)
+        err = v[:, 0] - v[:, 3]
+        cover = np.mean((v[:, 1] <= v[:, 3]) & (v[:, 3] <= v[:, 2]))
+        print(f"| {k} | {v[:, 3].mean():.4f} | {v[:, 0].mean():.4f} | {err.mean():+.4f} | {err.std():.4f} | "
+              f"{np.mean(v[:, 2] - v[:, 1]) / 2 / 1.96:.4f} | {cover:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--regime", choices=("synthetic", "report"), default="synthetic")
     p.add_argument("--replications", type=int, default=1000)
     p.add_argument("--images", type=int, default=320)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--groups", type=int, default=20)
     p.add_argument("--boot", type=int, default=200, help="bootstrap replicates (0: jackknife only)")
+    p.add_argument("--rows-per-direction", type=int, default=8, help="--regime report: rows per channel")
+    p.add_argument("--within-image", type=float, default=0.0, help="--regime report: correlation of an image's rows")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.regime == "report":
+        main_report(args)
+        return
     model = SyntheticPair()
     truth = {"cka": model.cka, "svcca": model.svcca, "pwcca": model.pwcca}
     start = time.perf_counter()

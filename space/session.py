@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ from torch import nn
 
 from space.examples import reference_images
 from space.zoo_source import REQUIRED, FamilyZoo, LoadedVariant
+from study.null import describe as describe_rule, layer_reading
+from study.settings import Settings
 from surgery import attribution, compression
 from surgery.architectures import Architecture, architecture_of
 from surgery.devices import DeviceSpec, describe, move, resolve_device
@@ -58,6 +61,7 @@ MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 8, 256, 64
 DEFAULT_CHANNELS = (0, 1, 2, 3)
 TOP_K = 5
 CKA_BATCHES = 10  # the minibatch CKA interval resamples batches: about 10 make a usable one
+ALPHA = 1 - Settings().confidence  # the study's false-positive rate: one rule for the whole app
 
 
 def default_columns(names: list[str]) -> list[str]:
@@ -111,6 +115,7 @@ class Representations:
 
     pairs: dict[str, LayerSimilarity]  # other variant -> CKA(FP32 layers, its layers); controls last
     reading: str
+    control_pairs: dict[tuple[str, str], LayerSimilarity]  # between the seed controls: the rule's spread
 
 
 class Session:
@@ -131,7 +136,7 @@ class Session:
         self._added = threading.Lock()
         self.version = 0  # counts added variants: pages refresh their choices when it moves
         self.builds: dict[str, object] = {}  # family -> its background build (space.background)
-        self._similarity: dict[tuple[str, str], LayerSimilarity] = {}
+        self._similarity: dict[tuple[str, str, str], LayerSimilarity] = {}
         self._sparsity: dict[tuple[str, str], float] = {}
         self._precomputing: dict[str, threading.Thread] = {}  # family -> its Features precompute
 
@@ -341,37 +346,42 @@ class Session:
     # -- Representations --------------------------------------------------------------------------
 
     def representations(self, family: str, variants: list[str] | None = None) -> Representations:
-        """CKA of FP32 with each chosen variant and with every seed control (the reference band:
-        how much two equally good FP32 networks differ); each pair is computed once."""
+        """CKA of FP32 with each chosen variant and with every seed control, judged by the study's rule
+        (:func:`study.null.layer_reading`: the controls' pairs with FP32 and with each other are the
+        null of how much two equally good FP32 networks differ); each pair is computed once."""
         chosen = self.check_variants(family, self.default_columns(family) if variants is None else variants)
         controls = self.controls(family)
         others = [v for v in chosen if v != REQUIRED and v not in controls] + controls
         images = None
-        pairs = {}
-        for other in others:
+        pairs, control_pairs = {}, {}
+        for a, b in [(REQUIRED, other) for other in others] + list(combinations(controls, 2)):
             with self._memo_lock:  # one computation per pair even when visitors ask at once
-                if (family, other) not in self._similarity:
+                if (family, a, b) not in self._similarity:
                     images = reference_images(get_family(family)) if images is None else images
-                    self._similarity[family, other] = self._cka(family, other, images)
-                pairs[other] = self._similarity[family, other]
-        return Representations(pairs, _reading(pairs, controls, get_family(family)))
+                    self._similarity[family, a, b] = self._cka(family, a, b, images)
+            if a == REQUIRED:
+                pairs[b] = self._similarity[family, a, b]
+            else:
+                control_pairs[a, b] = self._similarity[family, a, b]
+        reading = _reading(pairs, controls, list(control_pairs.values()), get_family(family))
+        return Representations(pairs, reading, control_pairs)
 
-    def _cka(self, family: str, other: str, images: torch.Tensor) -> LayerSimilarity:
-        """FP32 vs ``other`` over ``images``, from the disk cache when these weights were seen before."""
+    def _cka(self, family: str, a: str, b: str, images: torch.Tensor) -> LayerSimilarity:
+        """``a`` vs ``b`` over ``images``, from the disk cache when these weights were seen before."""
         zoo = self.zoo(family)
-        digests = [zoo.variants[v].config["weights"]["sha256"][:16] for v in ("fp32", other)]
+        digests = [zoo.variants[v].config["weights"]["sha256"][:16] for v in (a, b)]
         path = self.cache_dir / "cka" / f"{digests[0]}-{digests[1]}-n{len(images)}.json"
         if path.exists():
-            return _similarity_from_dict(json.loads(path.read_text()))
+            return LayerSimilarity.from_dict(json.loads(path.read_text()))
         batch = max(len(images) // CKA_BATCHES, 4)
-        with self.model(family, "fp32") as fp32, self.model(family, other) as model:
-            sim = layer_similarity(fp32, model, images.split(batch), list(architecture_of(fp32).blocks), seed=0)
+        with self.model(family, a) as model_a, self.model(family, b) as model_b:
+            sim = layer_similarity(model_a, model_b, images.split(batch), list(architecture_of(model_a).blocks), seed=0)
         data = sim.to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data))
         partial.replace(path)
-        return _similarity_from_dict(data)  # as a later start reads it back: same numbers either way
+        return LayerSimilarity.from_dict(data)  # as a later start reads it back: same numbers either way
 
     # -- Models -----------------------------------------------------------------------------------
 
@@ -416,54 +426,44 @@ def _compare(name: str, reference: VariantExplanation, other: VariantExplanation
     return Comparison(name, reference.prediction == other.prediction, *cam, *sal)
 
 
-def _similarity_from_dict(data: dict) -> LayerSimilarity:
-    def matrix(rows: list) -> np.ndarray:
-        return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
-
-    return LayerSimilarity(**{**data, "layers_a": tuple(data["layers_a"]), "layers_b": tuple(data["layers_b"]),
-                              "values": matrix(data["values"]), "low": matrix(data["low"]),
-                              "high": matrix(data["high"])})
-
-
-def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], family: ModelFamily) -> str:
-    """A few sentences on the diagonals (each layer against the same layer of FP32), each
-    compressed variant set against the controls (other FP32 training runs): the only fair measure
-    of "differs". A family without any (a pretrained FP32 has no seeds) gets no such claim."""
+def _reading(pairs: dict[str, LayerSimilarity], controls: list[str], control_pairs: list[LayerSimilarity],
+             family: ModelFamily) -> str:
+    """A few sentences on the diagonals (each layer against the same layer of FP32), each compressed
+    variant judged by the study's rule against the seed controls: the only fair measure of "differs".
+    A family without any (a pretrained FP32 has no seeds) gets no such claim."""
     if not pairs:
         return "Choose a variant other than FP32 to compare its layers with FP32's."
     num_images = next(iter(pairs.values())).num_images
+    seeds = len(controls) + 1
+    reference = [pairs[c] for c in controls]
     lines = [f"On {num_images} reference images; the diagonal compares each layer with the same layer."]
-    diagonal = {}
-    for other, sim in pairs.items():
-        values = np.diag(sim.values)
-        diagonal[other] = values
-        worst = int(np.nanargmin(values))
-        lines.append(f"- FP32 vs **{other}**: diagonal CKA {np.nanmean(values):.2f} on average, lowest "
-                     f"{values[worst]:.2f} at `{sim.layers_a[worst]}`.")
-    compared = [v for v in pairs if v not in controls]
-    if not controls and not family.has_fp32_seeds:
+    readings = {other: layer_reading(sim, reference, [*reference, *control_pairs], seeds, ALPHA)
+                for other, sim in pairs.items()}
+    for other, r in readings.items():
+        layer, lowest = r.lowest
+        lines.append(f"- FP32 vs **{other}**: diagonal CKA {r.mean:.2f} on average, lowest {lowest:.2f} at `{layer}`.")
+    if not family.has_fp32_seeds:  # the study's rule: another recipe's run is not a seed of this one
         lines.append(f"- The FP32 model of {family.name} is torchvision's pretrained {family.pretrained}, used as "
-                     "it is: it has no seeds, and no other training run is loaded here, so no variant is said "
-                     "to differ from retraining.")
+                     "it is: it has no seeds, so no variant is said to differ from retraining (another recipe's "
+                     "run, where loaded, is shown above as a description only).")
         return "\n".join(lines)
     if not controls:
         lines.append("- No FP32 model with another seed in this zoo: there is no control for how much "
                      "two equally good FP32 networks differ.")
         return "\n".join(lines)
-    kinds = {"another recipe" if parse_variant(c).is_recipe_control else "another seed" for c in controls}
-    again = f"with {' or '.join(sorted(kinds))}"
-    band = np.stack([diagonal[c] for c in controls])  # [controls, layers]
-    low, high = float(np.nanmean(band, axis=1).min()), float(np.nanmean(band, axis=1).max())
-    names = ", ".join(controls)
-    band_text = f"{low:.2f}" if len(controls) == 1 else f"{low:.2f} to {high:.2f}"
-    lines.append(f"- Reference band, FP32 vs FP32 trained again {again} ({names}): {band_text}.")
-    layer_low = np.nanmin(band, axis=0)  # per layer, the least similar control
+    lines.append(f"- Rule (the study's): {describe_rule(ALPHA)}. FP32 seeds: fp32, {', '.join(controls)}.")
+    compared = [v for v in pairs if v not in controls]
+    if seeds < 3:
+        lines.append(f"- No verdict: the rule needs at least 3 FP32 seeds (2 seed controls) for the spread between "
+                     f"seeds; this zoo has {seeds}. The control's diagonal above is a description only.")
+        return "\n".join(lines)
     for other in compared:
-        mean = float(np.nanmean(diagonal[other]))
-        verdict = ("less than" if mean > high else "more than" if mean < low else "about as much as")
-        below = int(np.sum(diagonal[other] < layer_low))
-        lines.append(f"- {other} changes the representations {verdict} training FP32 again {again} "
-                     f"does ({mean:.2f} vs {band_text}); below the control at {below} of {len(layer_low)} layers.")
+        r = readings[other]
+        worse = ", ".join(f"`{v}`" for v in r.worse) or "none"
+        better = ", ".join(f"`{v}`" for v in r.better) or "none"
+        lines.append(f"- {other} is further from FP32 than retraining at {len(r.worse)} of {len(r.layers)} layers "
+                     f"({worse}); closer than retraining at {len(r.better)} ({better}); within the seeds' bound "
+                     "elsewhere.")
     return "\n".join(lines)
 
 

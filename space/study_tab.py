@@ -44,23 +44,37 @@ def load_study(directory: Path, class_names: list[str]) -> StudyView | None:
         return None
     metrics = json.loads(path.read_text())
     figures = [(str(p), p.stem.replace("-", " ")) for p in sorted((Path(directory) / "figures").glob("dose-*.png"))]
-    # A pretrained FP32 used as it is has no seed band: its note, and no "worse than" reading.
-    lines = [metrics["no_null"]] if metrics.get("no_null") else []
-    for axis, dr in metrics["dose_response"].items() if not lines else ():
-        lines.append(f"**{axis}** ({', '.join(dr['levels'])}):")
+    # A pretrained FP32 used as it is has no seeds: its note, and no "worse than" reading.
+    if metrics.get("no_null"):
+        return StudyView(figures, metrics["no_null"], *_class_table(metrics, class_names))
+    check = metrics["null_check"]
+    lines = [f"Rule: {metrics['rule']}."]
+    if check["rate"] is not None:
+        lines.append(f"On this zoo's own FP32 seeds (each judged against the others) it flagged {check['flagged']} "
+                     f"of {check['cells']} cells ({check['rate']:.1%}).")
+    for axis, dr in metrics["dose_response"].items():
+        lines.append(f"**{axis}** ({', '.join(dr['levels'])}), first level worse than retraining:")
         for metric, r in dr["metrics"].items():
             title = metrics["metrics"][metric]["title"]
-            lines.append(f"- {title}: {r['first_worse'] or 'no level'} worse than the FP32 seed band")
-    header = ["variant", "class", "FP32 recall", "recall", "change [95%]", "Holm p", "hurt"]
+            lines.append(f"- {title}: {r['first_worse'] or 'no level'}")
+    return StudyView(figures, "\n".join(lines) or "No compressed variants in this study.",
+                     *_class_table(metrics, class_names))
+
+
+def _class_table(metrics: dict, class_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The per-class damage table: its header and rows."""
+    header = ["variant", "class", "FP32 recall", "recall", "change [95%]", "Holm p", "detectable drop", "hurt"]
     rows = []
     for name, entry in metrics["classes"].items():
         for r in entry["classes"]:
             if r["images"]:
                 c = r["change"]
+                drop = "" if r["detectable_drop"] is None else f"{r['detectable_drop']:.0%}"
                 rows.append([name, class_names[r["class"]], f"{r['recall_fp32']:.3f}", f"{r['recall']:.3f}",
-                             f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]", f"{r['p_holm']:.3g}",
-                             "yes" if r["hurt_significantly"] else ""])
-    return StudyView(figures, "\n".join(lines) or "No compressed variants in this study.", header, rows)
+                             f"{c['value']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
+                             "" if r["p_holm"] is None else f"{r['p_holm']:.3g}", drop,
+                             "yes" if r.get("hurt_significantly") else ""])
+    return header, rows
 
 
 def study_view(root: Path, zoos: Mapping[str, Path], family: str):

@@ -7,7 +7,8 @@ Usage:
     python -m study collect --zoo DIR --variant NAME [--variant NAME ...] --shards DIR [...]
         one or more variants' shards (run on several processes or machines with the same settings);
     python -m study report --zoo DIR --shards DIR [DIR ...] --out DIR
-        gather the shards into one report (the zoo is read for class names and the exemplars' maps).
+        gather the shards into one report (the zoo is read for class names and weight hashes only:
+        the exemplars' maps were drawn when collecting).
 
 Same zoo, settings and machine: the same ``metrics.json``, byte for byte. ``--images`` accepts
 ``all`` (the whole held-out split; 10,000 for Fashion-MNIST). ``--cache-root R`` writes into
@@ -34,7 +35,7 @@ from study.images import held_out
 from study.page import exemplar_items, figures, render_page
 from study.settings import Settings
 from study.shard import Shard, find_shards
-from study.zoo import REFERENCE, StudyZoo
+from study.zoo import StudyZoo
 from surgery.checkpoint import CheckpointError
 from surgery.devices import faithful, resolve_device
 
@@ -117,32 +118,24 @@ def collect(zoo_dir: Path, names: list[str], shards_dir: Path, s: Settings) -> l
     return paths
 
 
-def report(zoo_dir: Path, shard_paths: list[Path], out: Path, device: str = "cpu") -> dict:
-    """Gather the shards, draw the exemplars' maps and write the page, the figures and metrics.json."""
+def report(zoo_dir: Path, shard_paths: list[Path], out: Path) -> dict:
+    """Gather the shards and write the page, the figures and metrics.json."""
     zoo = StudyZoo.open(zoo_dir)
     shards = [Shard.load(p) for p in find_shards(shard_paths)]
     for sh in shards:
         if sh.name in zoo.configs and zoo.sha256(sh.name) != sh.meta["weights_sha256"]:
             raise ValueError(f"shard {sh.name} was measured on other weights than {zoo.root / sh.name}")
     metrics = gather(shards)
-    settings = Settings(**{**metrics["settings"], "device": device})
-    class_names = zoo.family.class_names
-    gallery = {}
-    if any(metrics["classes"].get(n, {}).get("exemplars") for n in metrics["classes"]):
-        data = held_out(zoo.family, settings, data_seed(zoo))
-        models = ModelCache(zoo, device)
-        for name, entry in metrics["classes"].items():
-            chosen = entry.get("exemplars", [])[: settings.exemplars]
-            if chosen:
-                images, labels, _ = data.take(chosen)
-                gallery[name] = exemplar_items(models(REFERENCE), models(name), name, images, labels)
-    pictures = figures(metrics, gallery, class_names)
+    limit = metrics["settings"]["exemplars"]
+    gallery = {sh.name: exemplar_items(sh, metrics["classes"][sh.name]["exemplars"], limit) for sh in shards
+               if metrics["classes"].get(sh.name, {}).get("exemplars")}
+    pictures = figures(metrics, gallery, zoo.family.class_names)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for key, png in pictures.items():
         (out / "figures" / f"{key}.png").write_bytes(png)
     encoded = {k: base64.b64encode(v).decode("ascii") for k, v in pictures.items()}
-    (out / "report.html").write_text(render_page(metrics, class_names, encoded))
+    (out / "report.html").write_text(render_page(metrics, zoo.family.class_names, encoded))
     text = json.dumps(_json_ready(metrics), indent=1, sort_keys=True, allow_nan=False)
     (out / "metrics.json").write_text(text + "\n")
     logger.info("wrote %s and %s", out / "report.html", out / "metrics.json")
@@ -164,7 +157,7 @@ def study_all(zoo_dir: Path, out: Path | None, s: Settings, cache_root: Path | N
     zoo = StudyZoo.open(zoo_dir)
     target = output_dir(zoo, out, cache_root)
     collect(zoo_dir, zoo.names, target / "shards", s)
-    return report(zoo_dir, [target / "shards"], target, s.device)
+    return report(zoo_dir, [target / "shards"], target)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,14 @@ compressed variant; every earlier FP32 seed for an FP32 seed), per batch:
 - representations of every block its architecture description names (a ResNet's residual
   blocks; MobileNetV2's inverted-residual blocks and final 1x1 conv) against ``r``'s same
   blocks: the per-batch unbiased HSIC values of minibatch CKA (all block pairs) and CCA second
-  moments per jackknife group (diagonal; all block pairs on ``match_images`` images between
-  FP32 seeds, for the layer-matching check);
+  moments per jackknife group (diagonal, with the cross products of the shuffled-images
+  pairing; between FP32 seeds also all block pairs on ``match_images`` images, every block
+  pooled to the coarsest grid, for the layer-matching check);
 - layer diagnostics against FP32: signal and error energy of each block's output (SQNR), and
-  the activation values each quantizer clipped.
+  the activation values each quantizer clipped;
+- for the exemplar gallery (compressed variants): the first ``4 x exemplars`` images FP32 gets
+  right and the variant wrong, with both models' GradCAM maps (the gallery keeps those every
+  FP32 seed gets right), so the report needs no model.
 
 Memory: one batch of images, maps and activations, plus per-image scalars and fixed-size
 moments (``groups`` x features^2 per block). Nothing grows with the images but the scalars.
@@ -46,12 +50,16 @@ from surgery.loading import load_variant
 from surgery.scoring import deletion_insertion, energy_in_mask, pointing_game
 from surgery.similarity import (CCAStream, MinibatchCKA, map_spearman, prediction_agreement, reduce_activation,
                                 topk_iou, topk_overlap)
-from surgery.similarity.cca import CCA_METHODS
+from surgery.similarity.cca import CCA_METHODS, ROWS_PER_DIRECTION_FLOOR
 from surgery.variants import parse_variant
 
 logger = logging.getLogger(__name__)
 
 MAP_METHODS = ("gradcam", "saliency")
+SVCCA_KEEP = 0.99  # Raghu et al.'s share of variance; the dimensions are fixed once, from all images
+PWCCA_KEEP = None  # every direction, as Morcos et al.
+MATCH_DIRECTIONS = 32  # every block pair of the layer-matching check keeps this many directions
+EXEMPLAR_CANDIDATES = 4  # images stored per exemplar the gallery shows
 
 
 @dataclass
@@ -125,15 +133,19 @@ class _Collector:
     """Accumulates one variant's measurements over the stream."""
 
     def __init__(self, name: str, refs: list[str], blocks: list[str], s: Settings, n: int, masks: bool,
-                 pairs_all: bool) -> None:
+                 pairs_all: bool, exemplars: bool) -> None:
         self.name, self.refs, self.blocks, self.s, self.masks = name, refs, blocks, s, masks
         self.per_image: dict[str, list[np.ndarray]] = {}
         self.cka = {r: MinibatchCKA() for r in refs}
         diagonal = [(i, i) for i in range(len(blocks))]
-        self.cca = {r: CCAStream(diagonal, s.groups) for r in refs}
-        self.match = {r: CCAStream(list(np.ndindex(len(blocks), len(blocks))), 1) for r in refs} if pairs_all else {}
+        self.cca = {r: CCAStream(diagonal, s.groups, shuffled=True) for r in refs}
+        self.pairs_all = pairs_all
+        self.match: dict[str, CCAStream] = {}
+        self.grid: int | None = None
         self.stride = max(1, n // max(s.deletion_images, 1)) if s.deletion_images else 0
         self.signal, self.noise = np.zeros(len(blocks)), np.zeros(len(blocks))
+        self.candidates = s.exemplars * EXEMPLAR_CANDIDATES if exemplars and REFERENCE in refs else 0
+        self.gallery: dict[str, list[np.ndarray]] = {}
 
     def add(self, key: str, values: torch.Tensor | np.ndarray) -> None:
         self.per_image.setdefault(key, []).append(np.asarray(torch.as_tensor(values).double()))
@@ -164,7 +176,13 @@ class _Collector:
                 else:
                     self.add(f"{method}.deletion_auc", np.zeros(0))
                     self.add(f"{method}.insertion_auc", np.zeros(0))
+        if self.candidates:
+            self._keep_exemplars(start, images, labels, pred, out, refs[REFERENCE])
         k = min(5, out.logits.shape[1])
+        if self.pairs_all and self.grid is None:
+            self.grid = min(round(a.shape[1] ** 0.5) for a in out.blocks)
+            self.match = {r: CCAStream(list(np.ndindex(len(self.blocks), len(self.blocks))), 1, grid=self.grid)
+                          for r in self.refs}
         for r, ro in refs.items():
             self.add(f"{r}.agreement", prediction_agreement(ro.logits, out.logits))
             self.add(f"{r}.top{k}_overlap", topk_overlap(ro.logits, out.logits, k))
@@ -182,21 +200,51 @@ class _Collector:
                     self.signal[i] += float(a.double().square().sum())
                     self.noise[i] += float((b.double() - a.double()).square().sum())
 
+    def _keep_exemplars(self, start: int, images, labels, pred, out: Outputs, ref: Outputs) -> None:
+        """Images FP32 gets right and the variant wrong, with both GradCAM maps, up to ``candidates``."""
+        ref_pred = ref.logits.argmax(1)
+        found = torch.nonzero((ref_pred == labels) & (pred != labels)).flatten()
+        room = self.candidates - sum(len(p) for p in self.gallery.get("exemplar.position", []))
+        found = found[:max(room, 0)]
+        if not len(found):
+            return
+        parts = {"exemplar.position": (found + start).numpy(),
+                 "exemplar.image": (images[found].clamp(0, 1) * 255).round().to(torch.uint8).numpy(),
+                 "exemplar.label": labels[found].numpy(), "exemplar.pred": pred[found].numpy(),
+                 "exemplar.fp32_pred": ref_pred[found].numpy(),
+                 "exemplar.map": out.maps["gradcam"][found].float().numpy(),
+                 "exemplar.fp32_map": ref.maps["gradcam"][found].float().numpy()}
+        for key, value in parts.items():
+            self.gallery.setdefault(key, []).append(value)
+
     def arrays(self, model: nn.Module, clipping: dict | None) -> dict[str, np.ndarray]:
         arrays = {k: np.concatenate(v) for k, v in self.per_image.items()}
+        arrays.update({k: np.concatenate(v) for k, v in self.gallery.items()})
+        shape = (len(self.blocks),) * 2
         for r in self.refs:
             if self.cka[r].num_batches:
                 cross, sx, sy = self.cka[r].batch_values()
                 arrays.update({f"{r}.cka.cross": cross, f"{r}.cka.self_x": sx, f"{r}.cka.self_y": sy,
                                f"{r}.cka.images": np.array(self.cka[r].num_examples)})
-                jk = self.cca[r].jackknife((len(self.blocks),) * 2, CCA_METHODS, 0.99)
-                for m in CCA_METHODS:
-                    arrays[f"{r}.{m}.value"] = np.diag(jk[m].value).copy()
-                    arrays[f"{r}.{m}.leave_out"] = np.stack([np.diag(lo) for lo in jk[m].leave_out])
+                for shuffled in (False, True):
+                    jk = self.cca[r].jackknife(shape, CCA_METHODS, SVCCA_KEEP, pwcca_keep=PWCCA_KEEP,
+                                               shuffled=shuffled, min_rows_per_direction=ROWS_PER_DIRECTION_FLOOR)
+                    for m in CCA_METHODS:
+                        key = f"{r}.{m}.shuffled" if shuffled else f"{r}.{m}"
+                        arrays[f"{key}.value"] = np.diag(jk[m].value).copy()
+                        arrays[f"{key}.leave_out"] = np.stack([np.diag(lo) for lo in jk[m].leave_out])
+                        if not shuffled:
+                            arrays[f"{r}.{m}.kept"] = np.array([jk[m].extra["kept"][i, i] for i in range(shape[0])])
+                rows, design = jk["svcca"].extra["rows"], jk["svcca"].extra["design_effect"]
+                arrays[f"{r}.cca.rows"] = np.array([rows[i, i] for i in range(shape[0])])
+                arrays[f"{r}.cca.design_effect"] = np.array([design[i, i] for i in range(shape[0])])
+                arrays[f"{r}.cca.dims"] = np.array([self.cca[r].accumulators[i, i].dims for i in range(shape[0])])
             if r in self.match and self.match[r].batches:
-                jk = self.match[r].jackknife((len(self.blocks),) * 2, CCA_METHODS, 0.99)
+                jk = self.match[r].jackknife(shape, CCA_METHODS, MATCH_DIRECTIONS, pwcca_keep=MATCH_DIRECTIONS)
                 for m in CCA_METHODS:
                     arrays[f"{r}.match.{m}"] = jk[m].value
+        if self.grid is not None:
+            arrays["match.grid"], arrays["match.directions"] = np.array(self.grid), np.array(MATCH_DIRECTIONS)
         if REFERENCE in self.refs:
             arrays["sqnr.signal"], arrays["sqnr.noise"] = self.signal, self.noise
         if clipping is not None:
@@ -230,7 +278,7 @@ def collect_variant(zoo: StudyZoo, name: str, s: Settings, data: HeldOut | None 
     spec = parse_variant(name)
     quantized = bool(compression.quantizers(model))
     collector = _Collector(name, refs, blocks, s, len(data), data.has_masks,
-                           pairs_all=spec.kind == "fp32")
+                           pairs_all=spec.kind == "fp32", exemplars=spec.kind != "fp32")
     clipping = {} if quantized else None
     batches = data.batches(s.batch_size)
     for start, images, labels, masks in tqdm(batches, total=-(-len(data) // s.batch_size),

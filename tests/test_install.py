@@ -77,7 +77,7 @@ e = surgery.explain(model, x)
 acts = surgery.activation_maximization(model, "layer4", [0], steps=2, size=64, progress=lambda s, t: None)
 print(json.dumps({{"logits": logits.tolist(), "file": surgery.__file__, "kind": config["kind"], "variant": config["variant"],
                   "gradcam": list(e.gradcam.shape), "actmax": list(acts.images.shape),
-                  "cka": float(surgery.cka(e.saliency.flatten(1), e.gradcam.flatten(1)))}}))
+                  "cka": float(surgery.cka(e.saliency.flatten(1), e.gradcam.flatten(1), estimator="biased"))}}))
 """
 
 

@@ -72,7 +72,7 @@ def test_the_study_says_there_is_no_null_and_claims_nothing(mobilenet_imagenet_z
     assert NO_CLAIM in metrics["no_null"] and metrics["seeds"] == ["fp32"]
     verdicts = [row["verdict"] for entry in metrics["metrics"].values() for row in entry["variants"].values()
                 if "verdict" in row]
-    assert verdicts and all(v["null"] == 0 and not v["worse"] and not v["outside"] for v in verdicts)
+    assert verdicts and all(v["null"] == 0 and not v["worse"] and v["side"] is None for v in verdicts)
     assert NO_CLAIM in (tmp_path / "report.html").read_text()
     tab = load_study(tmp_path, list(get_family(FAMILY).class_names))  # the Space's Study tab
     assert NO_CLAIM in tab.reading and "worse than" not in tab.reading

@@ -41,9 +41,9 @@ def _song_unbiased_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
 
 def test_cka_of_a_representation_with_itself_is_one(pair):
     x, y = pair
-    for debiased in (False, True):
-        assert cka(x, x, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
-        assert cka(y, y, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
+    for estimator in ("biased", "debiased"):
+        assert cka(x, x, estimator) == pytest.approx(1.0, abs=1e-12)
+        assert cka(y, y, estimator) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_cka_invariant_to_orthogonal_maps_and_isotropic_scaling_not_to_invertible_maps(pair):
@@ -66,14 +66,14 @@ def test_cka_shortcuts_match_the_textbook_estimators(pair):
     h = torch.eye(200, dtype=torch.float64) - 1 / 200
     k, l = x @ x.T, y @ y.T
     biased = torch.trace(k @ h @ l @ h) / torch.sqrt(torch.trace(k @ h @ k @ h) * torch.trace(l @ h @ l @ h))
-    assert cka(x, y) == pytest.approx(float(biased), rel=1e-9)
+    assert cka(x, y, estimator="biased") == pytest.approx(float(biased), rel=1e-9)
     unbiased = _song_unbiased_hsic(k, l) / math.sqrt(_song_unbiased_hsic(k, k) * _song_unbiased_hsic(l, l))
-    assert cka(x, y, debiased=True) == pytest.approx(unbiased, rel=1e-9)
+    assert cka(x, y) == pytest.approx(unbiased, rel=1e-9)  # the default is the debiased estimator
 
 
 def test_minibatch_cka_converges_to_full_cka_as_batches_grow(pair):
     x, y = pair
-    full = cka(x, y, debiased=True)
+    full = cka(x, y)
     errors = []
     for batch in (8, 64, 512):
         deviations = []
@@ -89,8 +89,8 @@ def test_minibatch_cka_converges_to_full_cka_as_batches_grow(pair):
     one_batch.update(x, y)
     assert float(one_batch.compute()) == pytest.approx(full, abs=1e-10)
     # The biased estimator on small batches is far off: the reason for the unbiased HSIC.
-    biased_small = np.mean([cka(x[i], y[i]) for i in torch.arange(len(x)).split(8)])
-    assert abs(biased_small - cka(x, y)) > 5 * errors[0]
+    biased_small = np.mean([cka(x[i], y[i], estimator="biased") for i in torch.arange(len(x)).split(8)])
+    assert abs(biased_small - full) > 5 * errors[0]
 
 
 def test_minibatch_cka_layer_matrix_and_interval(pair):
@@ -129,6 +129,8 @@ def test_minibatch_cka_rejects_bad_batches():
         cka(torch.randn(10, 3), torch.randn(11, 3))
     with pytest.raises(ValueError, match="NaN"):
         cka(torch.full((10, 3), math.nan), torch.randn(10, 3))
+    with pytest.raises(ValueError, match="unknown CKA estimator"):
+        cka(torch.randn(10, 3), torch.randn(10, 3), estimator="unbiased")
 
 
 def test_svcca_and_pwcca_sanity():

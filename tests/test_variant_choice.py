@@ -126,8 +126,8 @@ def test_features_per_chosen_variant(client, wide_zoo):
 def test_representations_of_the_chosen_variant_against_the_seed_control(client):
     gallery, reading = client.predict(FAMILY, ["fp32", "sparse50"], api_name="/representations")
     assert [item["caption"] for item in gallery] == ["FP32 vs 50% sparse", "FP32 vs FP32, seed 1 (control)"]
-    assert "Reference band, FP32 vs FP32 trained again with another seed (fp32-seed1)" in reading
-    assert "- sparse50 changes the representations" in reading
+    assert "FP32 seeds: fp32, fp32-seed1." in reading and "- FP32 vs **sparse50**: diagonal CKA" in reading
+    assert "No verdict: the rule needs at least 3 FP32 seeds" in reading
 
 
 def test_models_tab_lists_every_variant_in_order(client):

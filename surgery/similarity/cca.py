@@ -19,6 +19,17 @@ channels, pruned filters) are handled: directions without variance are dropped. 
 :class:`MomentAccumulator` streams them batch by batch (exact, no subsample of rows) and keeps
 them per group of images, so the jackknife interval refits CCA without each group.
 
+**Overfitting.** With few rows per direction the sample canonical correlations sit well above the
+population ones: at 8 rows per direction two *independent* 512-channel representations give a
+mean canonical correlation near 0.3. :meth:`MomentAccumulator.jackknife` therefore fixes SVCCA's
+kept dimensions once, from all rows (a leave-one-group-out refit must not choose its own), can
+pair every image with another image of its batch (``y_shuffled``: the same moments but the cross
+products, a baseline of what overfitting alone gives), and its replicates feed
+:meth:`surgery.similarity.stats.Jackknife.bias_corrected`. :data:`ROWS_PER_DIRECTION_FLOOR` is the
+fewest *effective* rows per direction (rows over the design effect of an image's correlated
+positions) at which the corrected SVCCA's interval was measured to cover
+(``tests/test_cca_bias.py``, ``bench/bench_coverage.py --regime report``).
+
 Example:
     >>> x = torch.randn(2000, 20)
     >>> svcca(x, x @ torch.randn(20, 20))    # ~1.0: an invertible map
@@ -41,6 +52,8 @@ from surgery.similarity.stats import Jackknife
 logger = logging.getLogger(__name__)
 
 CCA_METHODS = ("svcca", "pwcca")
+ROWS_PER_DIRECTION_FLOOR = 8  # effective rows; below it the study reports no CCA value (see the module docstring)
+Keep = float | int | tuple[int, int] | None
 
 
 class Moments(NamedTuple):
@@ -63,7 +76,8 @@ class MomentAccumulator:
     Each :meth:`update` adds one batch's rows (every spatial position of its images) to one of
     ``groups`` groups. :meth:`moments` gives the centred moments of all rows, or of all rows but
     one group's (``leave_out``): what the delete-a-group jackknife refits CCA on. Memory:
-    ``groups (p^2 + q^2 + p q)`` doubles, whatever the number of images (:meth:`nbytes`).
+    ``groups (p^2 + q^2 + p q)`` doubles, whatever the number of images (:meth:`nbytes`), plus
+    ``groups p q`` for the shuffled pairing when given.
 
     Rows are shifted by the first batch's means before summing, so the final centring does not
     cancel the digits of large ReLU activations.
@@ -80,15 +94,20 @@ class MomentAccumulator:
             raise ValueError(f"groups must be at least 1, got {groups}")
         self.groups = groups
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._sums: list[list[torch.Tensor]] | None = None  # per group: rows, sx, sy, sxx, syy, sxy
+        self._sums: list[list[torch.Tensor]] | None = None  # per group: rows, sx, sy, sxx, syy, sxy[, sxy shuffled]
         self.images = 0
 
     @staticmethod
-    def nbytes(groups: int, p: int, q: int) -> int:
-        return groups * (p * p + q * q + p * q + p + q + 1) * 8
+    def nbytes(groups: int, p: int, q: int, shuffled: bool = False) -> int:
+        return groups * (p * p + q * q + p * q * (2 if shuffled else 1) + p + q + 1) * 8
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, group: int = 0, images: int | None = None) -> None:
-        """Add rows ``x: [rows, p]``, ``y: [rows, q]`` (of ``images`` images) to ``group``."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, group: int = 0, images: int | None = None,
+               y_shuffled: torch.Tensor | None = None) -> None:
+        """Add rows ``x: [rows, p]``, ``y: [rows, q]`` (of ``images`` images) to ``group``.
+
+        ``y_shuffled``: the same rows of ``y`` paired with other images' rows of ``x`` (a
+        permutation of ``y``'s rows), for the shuffled-images baseline; give it on every update or never.
+        """
         x, y = x.detach().to(torch.float64).cpu(), y.detach().to(torch.float64).cpu()
         if x.dim() != 2 or y.dim() != 2 or len(x) != len(y):
             raise ValueError(f"x and y must be [rows, features] with the same rows, got {tuple(x.shape)}, {tuple(y.shape)}")
@@ -98,20 +117,38 @@ class MomentAccumulator:
             self._shift = (x.mean(0), y.mean(0))
             p, q = x.shape[1], y.shape[1]
             zeros = [torch.zeros(()), torch.zeros(p), torch.zeros(q), torch.zeros(p, p), torch.zeros(q, q),
-                     torch.zeros(p, q)]
+                     torch.zeros(p, q)] + ([torch.zeros(p, q)] if y_shuffled is not None else [])
             self._sums = [[z.double().clone() for z in zeros] for _ in range(self.groups)]
+        if (y_shuffled is not None) != self.shuffled:
+            raise ValueError("give y_shuffled on every update or on none")
         x, y = x - self._shift[0], y - self._shift[1]
+        parts = [torch.tensor(float(len(x))), x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y]
+        if y_shuffled is not None:
+            y_shuffled = y_shuffled.detach().to(torch.float64).cpu() - self._shift[1]
+            if y_shuffled.shape != y.shape:
+                raise ValueError(f"y_shuffled must be a permutation of y's rows, got {tuple(y_shuffled.shape)}")
+            parts.append(x.T @ y_shuffled)
         sums = self._sums[group]
-        for k, part in enumerate((torch.tensor(float(len(x))), x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y)):
+        for k, part in enumerate(parts):
             sums[k] += part.double()
         self.images += len(x) if images is None else images
 
-    def moments(self, leave_out: int | None = None) -> Moments:
-        """Centred moments of every row, or of every row outside group ``leave_out``."""
+    @property
+    def shuffled(self) -> bool:
+        """Whether the shuffled-images cross products are kept."""
+        return self._sums is not None and len(self._sums[0]) == 7
+
+    def moments(self, leave_out: int | None = None, shuffled: bool = False) -> Moments:
+        """Centred moments of every row, or of every row outside group ``leave_out``;
+        ``shuffled``: with the cross products of the shuffled pairing."""
         if self._sums is None:
             raise ValueError("MomentAccumulator has seen no rows yet: call update() first")
+        if shuffled and not self.shuffled:
+            raise ValueError("no shuffled pairing was given to update()")
         chosen = [s for g, s in enumerate(self._sums) if g != leave_out]
         rows, sx, sy, sxx, syy, sxy = (sum(s[k] for s in chosen) for k in range(6))
+        if shuffled:
+            sxy = sum(s[6] for s in chosen)
         if float(rows) < 2:
             raise ValueError("fewer than 2 rows left to estimate moments from")
         mx, my = sx / rows, sy / rows
@@ -127,22 +164,44 @@ class MomentAccumulator:
     def rows(self) -> int:
         return int(sum(float(s[0]) for s in self._sums)) if self._sums else 0
 
-    def jackknife(self, methods: tuple[str, ...] = CCA_METHODS, keep: float | int | None = 0.99) -> dict[str, Jackknife]:
-        """Each method's score on all rows and without each group (NaN where a group is empty)."""
-        full = cca_scores(self.moments(), methods, keep)
+    @property
+    def group_rows(self) -> np.ndarray:
+        """Rows in each group (the sizes :meth:`Jackknife.bias_corrected` weighs the groups by)."""
+        return np.array([float(s[0]) for s in self._sums]) if self._sums else np.zeros(self.groups)
+
+    def jackknife(self, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 0.99, *, pwcca_keep: Keep = None,
+                  shuffled: bool = False) -> dict[str, Jackknife]:
+        """Each method's score on all rows and without each group (NaN where a group is empty).
+
+        The kept dimensions of ``keep`` (SVCCA) and ``pwcca_keep`` (PWCCA; None: every direction)
+        are chosen once, from all rows, and every replicate uses the same counts; they are in each
+        result's ``extra["kept"]``. ``shuffled``: the scores of the shuffled-images pairing.
+        """
+        full = self.moments()
+        kept = {"svcca": kept_dims(full, keep), "pwcca": kept_dims(full, pwcca_keep)}
+        full = self.moments(shuffled=shuffled) if shuffled else full
+        values = _scores_or_nan(full, methods, kept)
         leave_out = {m: [] for m in methods}
         for g in range(self.groups):
             empty = float(self._sums[g][0]) == 0
             scores = {m: math.nan for m in methods} if empty or self.groups == 1 else \
-                _scores_or_nan(self.moments(g), methods, keep)
+                _scores_or_nan(self.moments(g, shuffled), methods, kept)
             for m in methods:
                 leave_out[m].append(scores[m])
-        return {m: Jackknife(full[m], np.array(leave_out[m]), self.images) for m in methods}
+        return {m: Jackknife(values[m], np.array(leave_out[m]), self.images,
+                             extra={"kept": kept[m], "rows": self.rows, "dims": self.dims}) for m in methods}
 
 
-def _scores_or_nan(m: Moments, methods: tuple[str, ...], keep: float | int | None) -> dict[str, float]:
+def kept_dims(m: Moments, keep: Keep) -> tuple[int, int]:
+    """The directions each side keeps for ``keep`` (see :func:`svcca`), as counts."""
+    if isinstance(keep, tuple):
+        return keep
+    return tuple(_whitener(_spectrum(c, side), keep).shape[1] for c, side in ((m.xx, "x"), (m.yy, "y")))
+
+
+def _scores_or_nan(m: Moments, methods: tuple[str, ...], kept: dict[str, tuple[int, int]]) -> dict[str, float]:
     try:
-        return cca_scores(m, methods, keep)
+        return cca_scores(m, methods, kept["svcca"], pwcca_keep=kept["pwcca"])
     except (ValueError, torch.linalg.LinAlgError):  # the rest has no variance, or no SVD converges
         return {method: math.nan for method in methods}
 
@@ -161,8 +220,8 @@ def _spectrum(cov: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]
 def _whitener(spectrum: tuple[torch.Tensor, torch.Tensor], keep: float | int | None) -> torch.Tensor:
     """``[d, k]`` map to whitened coordinates of the top-``k`` principal directions.
 
-    ``keep``: a fraction of variance in (0, 1], a number of directions, or None for every
-    direction above numerical rank.
+    ``keep``: a fraction of variance in (0, 1], a number of directions (at most the numerical
+    rank), or None for every direction above numerical rank.
     """
     eigvals, eigvecs = spectrum
     k = len(eigvals)
@@ -206,30 +265,52 @@ def _cca(m: Moments, wx: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, 
     return rho.clamp(0.0, 1.0), wx @ p[:, :rho.numel()]
 
 
-def cca_scores(m: Moments, methods: tuple[str, ...] = CCA_METHODS, keep: float | int | None = 0.99) -> dict[str, float]:
-    """SVCCA (``keep`` as in :func:`svcca`) and/or PWCCA from precomputed moments.
+def cca_scores(m: Moments, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 0.99, *,
+               pwcca_keep: Keep = None) -> dict[str, float]:
+    """SVCCA (``keep`` as in :func:`svcca`) and/or PWCCA (on the subspaces ``pwcca_keep`` keeps;
+    None: every direction, as Morcos et al.) from precomputed moments. A ``(k_x, k_y)`` tuple
+    keeps that many directions on each side.
 
-    Both share one eigendecomposition per side, the costly step of every bootstrap replicate.
+    Both share one eigendecomposition per side, the costly step of every jackknife replicate.
     """
     unknown = [method for method in methods if method not in CCA_METHODS]
     if unknown:
         raise ValueError(f"unknown CCA method {unknown[0]!r}; choose from {CCA_METHODS}")
     sx, sy = _spectrum(m.xx, "x"), _spectrum(m.yy, "y")
+
+    def whiteners(k: Keep) -> tuple[torch.Tensor, torch.Tensor]:
+        kx, ky = k if isinstance(k, tuple) else (k, k)
+        return _whitener(sx, kx), _whitener(sy, ky)
+
     scores = {}
     if "svcca" in methods:
-        scores["svcca"] = float(_cca(m, _whitener(sx, keep), _whitener(sy, keep))[0].mean())
+        scores["svcca"] = float(_cca(m, *whiteners(keep))[0].mean())
     if "pwcca" in methods:
-        rho, a = _cca(m, _whitener(sx, None), _whitener(sy, None))
+        rho, a = _cca(m, *whiteners(pwcca_keep))
         # <h_i, x_j> = a_i^T x^T x_j: the weights need only the moments too.
         alpha = (a.T @ m.xx).abs().sum(1)
         scores["pwcca"] = float((alpha * rho).sum() / alpha.sum())
     return scores
 
 
+def overfitting(rows: int, dims: int, design_effect: float = 1.0) -> str | None:
+    """A warning when ``rows`` examples (``rows / design_effect`` effective ones, see
+    :class:`surgery.similarity.representations.DesignEffect`) for ``dims`` canonical directions
+    inflate the plug-in correlations (fewer than 10 effective per direction), else None."""
+    effective = rows / design_effect
+    if dims * 10 <= effective:
+        return None
+    floor = "" if effective >= ROWS_PER_DIRECTION_FLOOR * dims else \
+        f"; below the floor of {ROWS_PER_DIRECTION_FLOOR} effective rows per direction"
+    repeat = "" if design_effect == 1 else f", {effective / dims:.1f} effective (design effect {design_effect:.1f})"
+    return (f"CCA on {rows} rows for up to {dims} canonical directions ({rows / dims:.1f} per direction{repeat}"
+            f"{floor}): plug-in correlations are inflated towards 1")
+
+
 def warn_if_overfit(n: int, dims: int) -> None:
-    if dims * 10 > n:
-        logger.warning("CCA on %d examples with up to %d canonical directions: expect correlations inflated "
-                       "towards 1 (keep examples >> dimensions)", n, dims)
+    message = overfitting(n, dims)
+    if message:
+        logger.warning("%s (keep examples >> dimensions)", message)
 
 
 def canonical_correlations(x: Matrix, y: Matrix, keep: float | int | None = None) -> torch.Tensor:

@@ -79,20 +79,28 @@ def _unbiased_hsic(cross: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tens
     return cross - n / (n - 2) * (rows_x * rows_y).sum(-1) + sum_x * sum_y / ((n - 1) * (n - 2))
 
 
-def cka(x: Matrix, y: Matrix, debiased: bool = False) -> float:
+CKA_ESTIMATORS = ("debiased", "biased")
+
+
+def cka(x: Matrix, y: Matrix, estimator: str = "debiased") -> float:
     """Linear CKA of two representations of the same ``n`` examples (Kornblith et al. 2019).
 
     ``x: [n, p]`` and ``y: [n, q]``; rows are examples (flatten conv maps to ``C*H*W``).
-    ``debiased`` uses the unbiased HSIC estimator (Song et al. 2012), which removes the upward
-    bias of CKA when features outnumber examples; it may then fall slightly below 0.
-    Returns NaN when either side has no variance.
+    ``estimator="debiased"`` (the default, at least 4 examples) uses the unbiased HSIC estimator
+    (Song et al. 2012): the plug-in ``"biased"`` one of Kornblith et al. rises towards 1 when
+    features outnumber examples, even for unrelated representations. The debiased value may fall
+    slightly below 0. Returns NaN when either side has no variance.
 
     Example:
         >>> x = torch.randn(256, 32)
         >>> cka(x, 3.0 * x)            # 1.0
-        >>> cka(x, torch.randn(256, 32)) < 0.3
+        >>> cka(x, torch.randn(256, 32)) < 0.1
         True
+        >>> cka(x, torch.randn(256, 32), estimator="biased")   # about 0.1: 32 features, 256 examples
     """
+    if estimator not in CKA_ESTIMATORS:
+        raise ValueError(f"unknown CKA estimator {estimator!r}; choose from {CKA_ESTIMATORS}")
+    debiased = estimator == "debiased"
     x, y = paired_matrices(x, y, 4 if debiased else 2)
     x, y = x - x.mean(0), y - y.mean(0)
     n = x.shape[0]

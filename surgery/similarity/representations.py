@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from surgery import compression
 from surgery.attribution.activations import LayerCapture
-from surgery.similarity.cca import CCA_METHODS, MomentAccumulator, check_keep, warn_if_overfit
+from surgery.similarity.cca import CCA_METHODS, Keep, MomentAccumulator, check_keep, warn_if_overfit
 from surgery.similarity.cka import MinibatchCKA
 from surgery.similarity.stats import DEFAULT_GROUPS, Jackknife
 
@@ -111,9 +111,14 @@ def iter_activations(models: Mapping[str, nn.Module], loader: Iterable, layers: 
 class LayerSimilarity:
     """A layer x layer similarity matrix between two models, with jackknife intervals over images.
 
-    ``leave_out`` (``[groups, len(layers_a), len(layers_b)]``, not written by :meth:`to_dict`)
-    keeps the leave-one-group-out values, from which paired contrasts between two matrices
-    computed on the same images get their own intervals (:meth:`jackknife`).
+    ``leave_out`` (``[groups, len(layers_a), len(layers_b)]``) keeps the leave-one-group-out
+    values, from which paired contrasts between two matrices computed on the same images get
+    their own intervals (:meth:`jackknife`). :meth:`to_dict` and :meth:`from_dict` round-trip
+    everything, the replicates included.
+
+    Example:
+        >>> again = LayerSimilarity.from_dict(json.loads(json.dumps(sim.to_dict())))
+        >>> again.jackknife()[3, 3].estimate()
     """
 
     method: str
@@ -140,15 +145,31 @@ class LayerSimilarity:
             raise ValueError("this similarity was read back without its leave-out replicates")
         return Jackknife(self.values, self.leave_out, self.num_images)
 
-    def to_dict(self, digits: int = 6) -> dict:
-        """JSON-ready: matrices as nested lists, NaN as ``None``."""
+    def to_dict(self) -> dict:
+        """JSON-ready: matrices as nested lists (full precision, so :meth:`from_dict` gives the same
+        numbers), NaN as ``None``."""
         def matrix(m: np.ndarray) -> list:
-            return [[None if not np.isfinite(v) else round(float(v), digits) for v in row] for row in m]
+            return [[None if not np.isfinite(v) else float(v) for v in row] for row in m]
 
-        return {"method": self.method, "layers_a": list(self.layers_a), "layers_b": list(self.layers_b),
-                "values": matrix(self.values), "low": matrix(self.low), "high": matrix(self.high),
-                "num_images": self.num_images, "resampling": self.resampling,
-                "confidence": self.confidence, "groups": self.groups}
+        out = {"method": self.method, "layers_a": list(self.layers_a), "layers_b": list(self.layers_b),
+               "values": matrix(self.values), "low": matrix(self.low), "high": matrix(self.high),
+               "num_images": self.num_images, "resampling": self.resampling,
+               "confidence": self.confidence, "groups": self.groups}
+        if self.leave_out is not None:
+            out["leave_out"] = [matrix(m) for m in self.leave_out]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerSimilarity":
+        """The similarity :meth:`to_dict` wrote (``None`` back to NaN)."""
+        def matrix(rows: list) -> np.ndarray:
+            return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
+        leave_out = data.get("leave_out")
+        return cls(data["method"], tuple(data["layers_a"]), tuple(data["layers_b"]), matrix(data["values"]),
+                   matrix(data["low"]), matrix(data["high"]), data["num_images"], data["resampling"],
+                   data["confidence"], data["groups"],
+                   None if leave_out is None else np.stack([matrix(m) for m in leave_out]))
 
 
 def layer_similarity(model_a: nn.Module, model_b: nn.Module, loader: Iterable, layers_a: Sequence[str],
@@ -238,21 +259,70 @@ def streamed_cka(stream: Iterable[tuple[list[torch.Tensor], list[torch.Tensor]]]
     return acc
 
 
+def pool_positions(t: torch.Tensor, side: int) -> torch.Tensor:
+    """``[N, P, C]`` rows of a square ``sqrt(P) x sqrt(P)`` grid, average-pooled to ``side x side``."""
+    grid = round(t.shape[1] ** 0.5)
+    if grid ** 2 != t.shape[1] or grid % side:
+        raise ValueError(f"cannot pool {t.shape[1]} positions per image to a {side} x {side} grid: "
+                         "compare layers with square maps whose sizes divide each other, or use reduce='pool'")
+    if grid == side:
+        return t
+    maps = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid, grid)
+    return F.adaptive_avg_pool2d(maps, side).flatten(2).transpose(1, 2)
+
+
 def matched_positions(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[N, P, C]`` pairs with the same positions per image; the finer grid pooled to the coarser."""
-    if x.shape[1] == y.shape[1]:
-        return x, y
-    side_x, side_y = round(x.shape[1] ** 0.5), round(y.shape[1] ** 0.5)
-    if side_x ** 2 != x.shape[1] or side_y ** 2 != y.shape[1] or max(side_x, side_y) % min(side_x, side_y):
-        raise ValueError(f"cannot align {x.shape[1]} and {y.shape[1]} positions per image: "
-                         "compare layers with square maps whose sizes divide each other, or use reduce='pool'")
+    side = min(round(x.shape[1] ** 0.5), round(y.shape[1] ** 0.5))
+    return pool_positions(x, side), pool_positions(y, side)
 
-    def pool(t: torch.Tensor, side: int, to: int) -> torch.Tensor:
-        grid = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
-        return F.adaptive_avg_pool2d(grid, to).flatten(2).transpose(1, 2)
 
-    coarse = min(side_x, side_y)
-    return pool(x, side_x, coarse), pool(y, side_y, coarse)
+class DesignEffect:
+    """How much the rows of one image repeat each other: Kish's design effect ``1 + (P - 1) ICC``.
+
+    CCA counts every spatial position of every image as a row, but the ``P`` positions of one
+    image are correlated (a trained ResNet18's layer4 on shapes: ICC about 0.3), so ``rows``
+    rows carry the information of about ``rows / design_effect`` independent ones. ICC is the
+    share of each channel's variance that lies between images, pooled over channels (the one-way
+    ANOVA estimate; Kish 1965, *Survey Sampling*). Fed ``[images, positions, channels]`` batches.
+
+    Example:
+        >>> d = DesignEffect()
+        >>> for x in batches:            # [b, positions, channels]
+        ...     d.update(x)
+        >>> rows / d.value               # effective rows
+    """
+
+    def __init__(self) -> None:
+        self._shift: torch.Tensor | None = None
+        self.images = self.rows = 0
+        self._squares = np.zeros(2)  # squared image means, squared rows (summed over channels)
+        self._sums: list[torch.Tensor] = []  # image means, rows (per channel)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64).cpu()
+        if self._shift is None:
+            self._shift = x.mean((0, 1))
+            self._sums = [torch.zeros_like(self._shift), torch.zeros_like(self._shift)]
+        x = x - self._shift  # large ReLU activations would cancel digits in the variances
+        means = x.mean(1)
+        self.images += len(x)
+        self.rows += len(x) * x.shape[1]
+        self._squares += [float(means.square().sum()), float(x.square().sum())]
+        self._sums[0] += means.sum(0)
+        self._sums[1] += x.sum((0, 1))
+
+    @property
+    def value(self) -> float:
+        if self.images < 2 or self.rows <= self.images:
+            return 1.0
+        positions = self.rows / self.images
+        var_means = (self._squares[0] - float(self._sums[0].square().sum()) / self.images) / (self.images - 1)
+        var_rows = (self._squares[1] - float(self._sums[1].square().sum()) / self.rows) / (self.rows - 1)
+        if var_rows <= 0:
+            return 1.0
+        icc = (var_means - var_rows / positions) / (1 - 1 / positions) / var_rows
+        return 1 + (positions - 1) * min(max(icc, 0.0), 1.0)
 
 
 class CCAStream:
@@ -260,11 +330,18 @@ class CCAStream:
 
     ``todo`` lists the ``(i, j)`` layer pairs; :meth:`update` takes one batch of ``[b, P, C]``
     activations per layer on each side (see :func:`reduce_activation` ``"positions"``).
+    ``grid``: pool every layer to ``grid x grid`` positions first, so that every pair has the same
+    rows (the layer-matching check compares pairs in one argmax). ``shuffled``: also pair each
+    image's rows of ``x`` with the previous image's rows of ``y`` (across batch boundaries), the
+    shuffled-images baseline of :meth:`MomentAccumulator.update`.
     """
 
-    def __init__(self, todo: Sequence[tuple[int, int]], groups: int) -> None:
-        self.todo, self.groups = list(todo), groups
+    def __init__(self, todo: Sequence[tuple[int, int]], groups: int, *, grid: int | None = None,
+                 shuffled: bool = False) -> None:
+        self.todo, self.groups, self.grid, self.shuffled = list(todo), groups, grid, shuffled
         self.accumulators = {pair: MomentAccumulator(groups) for pair in self.todo}
+        self.design = {pair: (DesignEffect(), DesignEffect()) for pair in self.todo}
+        self._previous: dict[tuple[int, int], torch.Tensor] = {}  # the last image's rows of y, per pair
         self.batches = 0
 
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> None:
@@ -272,25 +349,50 @@ class CCAStream:
         for i, j in self.todo:
             x, y = xs[i], ys[j]
             x, y = (x if x.dim() == 3 else x[:, None]), (y if y.dim() == 3 else y[:, None])
+            if self.grid is not None:
+                x, y = pool_positions(x, self.grid), pool_positions(y, self.grid)
             x, y = matched_positions(x, y)
-            self.accumulators[i, j].update(x.reshape(-1, x.shape[2]), y.reshape(-1, y.shape[2]), group, len(x))
+            for side, t in zip(self.design[i, j], (x, y)):
+                side.update(t)
+            shifted = None
+            if self.shuffled:
+                shifted = torch.cat([self._previous.get((i, j), y[-1:]), y[:-1]])
+                self._previous[i, j] = y[-1:]
+                shifted = shifted.reshape(-1, y.shape[2])
+            self.accumulators[i, j].update(x.reshape(-1, x.shape[2]), y.reshape(-1, y.shape[2]), group, len(x),
+                                           shifted)
         self.batches += 1
 
-    def jackknife(self, shape: tuple[int, int], methods: tuple[str, ...], keep) -> dict[str, Jackknife]:
-        """``{method: Jackknife of the [I, J] matrix}``, NaN at pairs not computed."""
+    def jackknife(self, shape: tuple[int, int], methods: tuple[str, ...], keep: Keep, *, pwcca_keep: Keep = None,
+                  shuffled: bool = False, min_rows_per_direction: float = 0) -> dict[str, Jackknife]:
+        """``{method: Jackknife of the [I, J] matrix}``, NaN at pairs not computed.
+
+        Pairs with fewer than ``min_rows_per_direction`` effective rows per direction are not fitted
+        (NaN, kept dimensions ``(0, 0)``). Each result's ``extra`` holds, per pair, the kept
+        dimensions (``"kept"``), the rows (``"rows"``) and the larger side's design effect
+        (``"design_effect"``, see :class:`DesignEffect`).
+        """
         if not self.batches:
             raise ValueError("the loader yielded no images")
         groups = min(self.groups, self.batches)
         value = {m: np.full(shape, np.nan) for m in methods}
         leave_out = {m: np.full((groups, *shape), np.nan) for m in methods}
+        extra = {m: {"kept": {}, "rows": {}, "design_effect": {}} for m in methods}
         images = 0
         worst = min(self.accumulators.values(), key=lambda acc: acc.rows / max(min(acc.dims), 1))
         warn_if_overfit(worst.rows, min(worst.dims))  # once, for the pair with the fewest rows per direction
         for (i, j), acc in self.accumulators.items():
-            for m, jk in acc.jackknife(methods, keep).items():
-                value[m][i, j], leave_out[m][:, i, j] = jk.value, jk.leave_out[:groups]
+            design = max(d.value for d in self.design[i, j])
+            for m in methods:
+                extra[m]["kept"][i, j], extra[m]["rows"][i, j] = (0, 0), acc.rows
+                extra[m]["design_effect"][i, j] = design
             images = acc.images
-        return {m: Jackknife(value[m], leave_out[m], images) for m in methods}
+            if acc.rows / design < min_rows_per_direction * min(acc.dims):
+                continue
+            for m, jk in acc.jackknife(methods, keep, pwcca_keep=pwcca_keep, shuffled=shuffled).items():
+                value[m][i, j], leave_out[m][:, i, j] = jk.value, jk.leave_out[:groups]
+                extra[m]["kept"][i, j] = jk.extra["kept"]
+        return {m: Jackknife(value[m], leave_out[m], images, extra=extra[m]) for m in methods}
 
 
 def _streamed_cca(stream, layers_a, layers_b, methods, pairs, keep, groups, confidence,

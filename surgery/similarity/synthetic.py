@@ -84,3 +84,62 @@ class SyntheticPair:
         a = torch.tensor(self.gains, dtype=torch.float64)
         x = s * correlated()
         return x, a * x + self.noise * correlated()
+
+
+@dataclass(frozen=True)
+class SpectrumPair:
+    """Many channels with a power-law spectrum, as conv layers have: the report's regime for CCA.
+
+    ``x_i = s_i u_i`` and ``y_i = a_i x_i + r s_i v_i`` per channel ``i`` (``u``, ``v`` correlated
+    across the ``positions`` rows of an image as in :class:`SyntheticPair`), with scales
+    ``s_i = (1 + i)^-decay`` and gains ``a_i = gain * exp(-i / reach)``. Both sides' variances fall
+    with ``i``, so each side's top-``k`` principal directions are the first ``k`` channels, and:
+
+    - canonical correlations ``rho_i = a_i / sqrt(a_i^2 + r^2)`` (falling with ``i``);
+    - SVCCA keeping ``k_x``, ``k_y`` directions = ``mean(rho[:min(k_x, k_y)])`` (:meth:`svcca`);
+    - PWCCA of the first ``k`` directions = ``sum s_i rho_i / sum s_i`` over them (:meth:`pwcca`).
+
+    Example:
+        >>> model = SpectrumPair()                # 512 channels, 16 positions per image
+        >>> x, y = model.sample(256, seed=0)      # 4,096 rows: 8 per direction
+    """
+
+    channels: int = 512
+    positions: int = 16
+    decay: float = 0.8
+    gain: float = 1.5
+    reach: float = 150.0
+    noise: float = 0.8
+    within_image: float = 0.3
+
+    @property
+    def scales(self) -> np.ndarray:
+        return (1.0 + np.arange(self.channels)) ** -self.decay
+
+    @property
+    def rho(self) -> np.ndarray:
+        a = self.gain * np.exp(-np.arange(self.channels) / self.reach)
+        return a / np.sqrt(a ** 2 + self.noise ** 2)
+
+    def svcca(self, kept: tuple[int, int]) -> float:
+        return float(self.rho[: min(kept)].mean())
+
+    def pwcca(self, kept: tuple[int, int] | None = None) -> float:
+        k = self.channels if kept is None else min(kept)
+        s = self.scales[:k]
+        return float((s * self.rho[:k]).sum() / s.sum())
+
+    def sample(self, images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x, y: [images, positions, channels]`` float64."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.within_image
+
+        def correlated() -> torch.Tensor:
+            shared = torch.randn(images, 1, self.channels, generator=g, dtype=torch.float64)
+            own = torch.randn(images, self.positions, self.channels, generator=g, dtype=torch.float64)
+            return c ** 0.5 * shared + (1 - c) ** 0.5 * own
+
+        s = torch.from_numpy(self.scales)
+        a = torch.from_numpy(self.gain * np.exp(-np.arange(self.channels) / self.reach))
+        x = s * correlated()
+        return x, a * x + self.noise * s * correlated()
