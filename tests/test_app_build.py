@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,9 +96,35 @@ def _held_at_an_epoch(log: Path, app: subprocess.Popen, timeout: float):
             os.kill(child, signal.SIGCONT)
         time.sleep(0.02)  # the child runs 20 ms between looks: a bar open for a second is not missed
     try:
-        yield
+        yield child
     finally:
         os.kill(child, signal.SIGCONT)
+
+
+@contextmanager
+def _holding_later_children(app: subprocess.Popen, earlier: int):
+    """Hold still (SIGSTOP) every training child of app.py other than ``earlier`` as soon as it
+    appears (the background build; it is still importing torch then), until the block ends."""
+    held: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            child = _training_child(app.pid)
+            if child is not None and child != earlier and child not in held:
+                os.kill(child, signal.SIGSTOP)
+                held.append(child)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        for child in held:
+            os.kill(child, signal.SIGCONT)
 
 
 def _status(client: Client | None, url: str) -> tuple[Client | None, str | None]:
@@ -137,32 +164,34 @@ def test_a_fresh_machine_builds_the_zoo_with_progress_in_the_page(tmp_path):
                     page.goto(url)
                 else:
                     time.sleep(0.2)
-            with _held_at_an_epoch(zoo / "resnet18-shapes" / LOG_FILE, process, TIMEOUT):
+            with _held_at_an_epoch(zoo / "resnet18-shapes" / LOG_FILE, process, TIMEOUT) as foreground:
                 client, status = _status(client, url)  # read from the child's output at each request
                 statuses.append(status)
                 assert status and EPOCH_BAR.search(status), status
                 page.locator("#preparing-status li", has_text=EPOCH).first.wait_for(timeout=30_000)
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "preparing.png"))
-            while not serves_the_space(url):
-                assert process.poll() is None, f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no Space after {TIMEOUT} s:\n{log.read_text()[-3000:]}"
-                client, status = _status(client, url)
-                if status:
-                    statuses.append(status)
-                time.sleep(0.5)
+            # The background build is held until the page has been seen without its variants.
+            with _holding_later_children(process, foreground):
+                while not serves_the_space(url):
+                    assert process.poll() is None, f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+                    assert time.monotonic() < deadline, f"no Space after {TIMEOUT} s:\n{log.read_text()[-3000:]}"
+                    client, status = _status(client, url)
+                    if status:
+                        statuses.append(status)
+                    time.sleep(0.5)
 
-            # What the page showed: the zoo's stages and the epochs' steps, live.
-            assert any("zoo resnet18-shapes" in s and "<progress" in s for s in statuses), statuses[-1:]
-            assert any("training them now into" in s for s in statuses)
-            # The open page turns into the Space by itself, with the foreground variants only...
-            page.wait_for_selector("#explain-image", timeout=60_000)
-            picker = page.locator("#explain-variants")
-            status = page.locator("#training-status")
-            status.get_by_text("still training", exact=False).wait_for(timeout=30_000)
-            assert "sparse90, fp32-seed1" in status.inner_text()
-            assert picker.get_by_label("FP32", exact=True).is_checked()
-            assert picker.get_by_label("90% sparse", exact=True).count() == 0
+                # What the page showed: the zoo's stages and the epochs' steps, live.
+                assert any("zoo resnet18-shapes" in s and "<progress" in s for s in statuses), statuses[-1:]
+                assert any("training them now into" in s for s in statuses)
+                # The open page turns into the Space by itself, with the foreground variants only...
+                page.wait_for_selector("#explain-image", timeout=60_000)
+                picker = page.locator("#explain-variants")
+                status = page.locator("#training-status")
+                status.get_by_text("still training", exact=False).wait_for(timeout=30_000)
+                assert "sparse90, fp32-seed1" in status.inner_text()
+                assert picker.get_by_label("FP32", exact=True).is_checked()
+                assert picker.get_by_label("90% sparse", exact=True).count() == 0
             # ... and the background ones join it, without a reload, the default columns with them.
             for title in ("INT8 (W8A8)", "90% sparse", "FP32, seed 1"):
                 picker.get_by_label(title, exact=True).wait_for(timeout=TIMEOUT * 1000)
