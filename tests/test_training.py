@@ -14,7 +14,6 @@ import pytest
 import safetensors.torch
 import torch
 import torchvision
-from PIL import Image
 
 from surgery import build_model, load_variant, read_config
 from surgery.checkpoint import WEIGHTS_FILE
@@ -224,20 +223,7 @@ def test_cifar10_missing_is_a_clear_error(tmp_path, caplog):
     assert "CIFAR-10 not found" in caplog.text and "--download" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def imagenet_folder(tmp_path_factory) -> Path:
-    """An ImageFolder tree of the 1000 classes, one generated image each per split (built once)."""
-    root = tmp_path_factory.mktemp("imagenet")
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in range(1000):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True)
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / "a.JPEG")
-    return root
-
-
-def test_imagenet_path_with_torchvision_weights(imagenet_folder, mobilenet_weights, tmp_path, monkeypatch):
+def test_imagenet_path_with_torchvision_weights(imagenet_stand_in, mobilenet_weights, tmp_path, monkeypatch):
     """FP32 is torchvision's weights file (in the cache a download would fill), checked and used as it is."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / mobilenet_weights.name
@@ -246,7 +232,7 @@ def test_imagenet_path_with_torchvision_weights(imagenet_folder, mobilenet_weigh
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(torch.load(mobilenet_weights, weights_only=True))
     out = tmp_path / "zoo"
-    common = ["--data-root", str(imagenet_folder), "--batch-size", "2", "--max-steps", "1", "--workers", "0",
+    common = ["--data-root", str(imagenet_stand_in), "--batch-size", "2", "--max-steps", "1", "--workers", "0",
               "--train-samples", "4", "--eval-samples", "4"]
     assert training_main(["fp32", "--family", "mobilenetv2-imagenet", "--out", str(out / "fp32"), *common]) == 0
     assert read_config(out / "fp32")["compression"]["init"] == "torchvision IMAGENET1K_V1"
@@ -259,24 +245,24 @@ def test_imagenet_path_with_torchvision_weights(imagenet_folder, mobilenet_weigh
     assert {q["bits"] for q in config["compression"]["quantizers"].values()} == {8}
 
 
-def test_a_weights_file_that_is_not_torchvisions_is_refused(imagenet_folder, tmp_path, monkeypatch, caplog):
+def test_a_weights_file_that_is_not_torchvisions_is_refused(imagenet_stand_in, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     name = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url).name
     cached = tmp_path / "torch" / "hub" / "checkpoints" / name
     cached.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet50().state_dict(), cached)  # right keys, not torchvision's weights
     assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(tmp_path / "o"),
-                          "--data-root", str(imagenet_folder)]) == 2
+                          "--data-root", str(imagenet_stand_in)]) == 2
     assert f"{cached}: SHA-256" in caplog.text and "not that of torchvision's" in caplog.text
     assert not (tmp_path / "o" / "config.json").exists()
 
 
-def test_imagenet_without_weights_needs_epochs(imagenet_folder, tmp_path, monkeypatch, caplog):
+def test_imagenet_without_weights_needs_epochs(imagenet_stand_in, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     assert training_main(["fp32", "--family", "resnet50-imagenet", "--out", str(tmp_path / "o"),
-                          "--data-root", str(imagenet_folder)]) == 2
+                          "--data-root", str(imagenet_stand_in)]) == 2
     assert "network unreachable" in caplog.text and "pass --epochs" in caplog.text
 
 
