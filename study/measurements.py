@@ -26,7 +26,8 @@ from surgery.variants import parse_variant, sort_variants
 
 MAP_METHODS = ("gradcam", "saliency")
 REPRESENTATIONS = ("cka",) + CCA_METHODS
-# SVCCA's overfitting bias falls as 1 / rows and the jackknife removes it (tests/test_cca_bias.py).
+# SVCCA's overfitting bias falls as 1 / rows and the jackknife removes it; the corrected value's
+# interval allows for the correction's own error (Jackknife.bias_corrected; tests/test_cca_bias.py).
 # PWCCA's projection weights move with every near-tie of canonical correlations, a bias that does
 # not fall as 1 / rows: the correction overshoots it (bench/bench_coverage.py --regime report), so
 # PWCCA is reported as computed and judged only against the seeds' PWCCA on the same images.

@@ -25,10 +25,19 @@ mean canonical correlation near 0.3. :meth:`MomentAccumulator.jackknife` therefo
 kept dimensions once, from all rows (a leave-one-group-out refit must not choose its own), can
 pair every image with another image of its batch (``y_shuffled``: the same moments but the cross
 products, a baseline of what overfitting alone gives), and its replicates feed
-:meth:`surgery.similarity.stats.Jackknife.bias_corrected`. :data:`ROWS_PER_DIRECTION_FLOOR` is the
+:meth:`surgery.similarity.stats.Jackknife.bias_corrected`, whose interval adds an allowance for
+the correction's own error (the SVD cut re-chosen in each leave-one-group-out fit makes it
+larger than the jackknife's standard error; see there). :data:`ROWS_PER_DIRECTION_FLOOR` is the
 fewest *effective* rows per direction (rows over the design effect of an image's correlated
 positions) at which the corrected SVCCA's interval was measured to cover
 (``tests/test_cca_bias.py``, ``bench/bench_coverage.py --regime report``).
+
+PWCCA's bias is of another kind: over every direction (as Morcos et al.) the projection weights
+``sum_j |<h_i, x_j>|`` of canonical variates whose correlations are nearly tied are mixed in the
+sample, and the L1 norm of a mixture is larger, so the many weak directions weigh more and the
+plug-in falls *below* the population value (-0.034 at 8 rows per direction in the bench). That
+bias does not fall as 1 / rows, and the jackknife correction moves the estimate further away;
+the study reports PWCCA as computed and compares it only with the seeds' PWCCA on the same images.
 
 Example:
     >>> x = torch.randn(2000, 20)
