@@ -60,8 +60,15 @@ def _builds_of(item: pytest.Item) -> list[Build]:
     return [BUILDS[name] for name in item.fixturenames if name in BUILDS and _given(name) is None]
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: the marks added here count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests waiting on a background build go last, in the order the builds should finish."""
+    """A test that needs a background build (the trained zoo, the installed venv) is ``e2e``: it waits
+    for a real training run or a fresh ``pip install``. Those tests go last, in the order the builds
+    should finish."""
+    for item in items:
+        if any(BUILDS[name].background for name in item.fixturenames if name in BUILDS):
+            item.add_marker(pytest.mark.e2e)
+
     def key(item: pytest.Item) -> int:
         background = [b.order + 1 for b in _builds_of(item) if b.background]
         return max(background, default=0)

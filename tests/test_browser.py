@@ -127,6 +127,7 @@ def first_page(mobilenet_imagenet_zoo, tmp_path_factory):
     close_app(demo)
 
 
+@pytest.mark.e2e  # the pretrained family's first page: FP32 and INT8 derived from photos
 def test_a_photo_of_a_cat_is_a_cat_to_fp32_on_the_first_page(first_page, browser):
     cat = photo_path(next(p for p in PHOTOS if p.file == "chelsea.png"))
     assert cat.name in {Path(e[0]["path"]).name for c in first_page.config["components"]

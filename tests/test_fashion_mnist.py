@@ -139,6 +139,7 @@ def test_architecture_keeps_layer1_small_and_gradcam_maps_4x4():
     assert cifar.conv1.stride == (1, 1) and isinstance(cifar.maxpool, torch.nn.Identity)
 
 
+@pytest.mark.e2e  # real training on the real data
 def test_short_real_data_training_learns(test_set, tmp_path):
     """80 steps on 2,560 real training images, then all classes of 1,000 held-out ones."""
     out = tmp_path / "fp32"

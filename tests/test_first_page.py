@@ -39,6 +39,7 @@ def _handlers(demo):
     return explain.fn.__self__
 
 
+@pytest.mark.e2e  # a whole family trained by the Space in the background
 def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, monkeypatch, mobilenet_weights):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -57,9 +58,10 @@ def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, mon
         assert "joins the family choices when its FP32 model is ready" in h.training_status()
         seen = {f: session.variant_names(f) for f in session.families}
         deadline = time.monotonic() + TIMEOUT
-        while session.builds[LATER].pending and time.monotonic() < deadline:
-            time.sleep(2)
-        assert not session.builds[LATER].pending, h.training_status()
+        first = {"fp32", "int8"}  # the rest (sparse90, fp32-seed1) would only add minutes of the same path
+        while first & set(session.builds[LATER].pending) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not first & set(session.builds[LATER].pending), h.training_status()
         assert list(session.families) == ["resnet18-shapes", LATER] and not session.coming
         # The open page's next tick offers the new family in every tab.
         pickers = ["resnet18-shapes", ["fp32", "int8"]] * 3
@@ -67,8 +69,8 @@ def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, mon
         assert all(update.choices == [(f, f) for f in ("resnet18-shapes", LATER)] for update in out[2:6])
         image = tmp_path / "image.png"
         Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(image)
-        answer = h.explain(str(image), LATER, "gradient", ["fp32", "int8", "sparse90"])
-        assert [answer[4 + 4 * i] for i in range(3)] == ["### FP32", "### INT8 (W8A8)", "### 90% sparse"]
+        answer = h.explain(str(image), LATER, "gradient", ["fp32", "int8"])
+        assert [answer[4 + 4 * i] for i in range(2)] == ["### FP32", "### INT8 (W8A8)"]
         assert (session.zoo(LATER).directory / ".space-build.json").exists()
     finally:
         for build in session.builds.values():

@@ -21,7 +21,6 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 
 from builds import clean_env as _clean_env
@@ -118,7 +117,6 @@ def test_pyproject_pins_agree_with_requirements_txt():
 
 # -- the installed package, from outside the checkout ----------------------------------------------
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_install_holds_surgery_and_its_tools_but_not_the_space_dependencies(installed):
     done = run_outside(installed, """
 import importlib.util, json, surgery, study.page
@@ -131,7 +129,6 @@ print(json.dumps({"surgery": surgery.__file__, "template": study.page._TEMPLATE.
     assert found["missing"] == [], f"a plain install brought {found['missing']}"
 
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo):
     result = last_json(run_outside(installed, PROBE.format(source=str(tiny_zoo / "int8"))))
     assert (result["kind"], result["variant"]) == ("quantized", "int8")
@@ -140,7 +137,6 @@ def test_load_variant_from_a_local_zoo_outside_the_checkout(installed, tiny_zoo)
     assert result["gradcam"] == [2, 64, 64] and result["actmax"] == [1, 3, 64, 64]
 
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_console_scripts(installed, tmp_path):
     bin_ = installed.venv / "bin"
     tools = ("surgery-train", "surgery-hub", "surgery-report", "surgery-study")
@@ -161,7 +157,6 @@ def test_console_scripts(installed, tmp_path):
         "without the [space] extra the Space must name the extra it needs"
 
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_torch_hub_load_returns_a_variant_by_repo_id_from_a_checkout(installed, hub, tiny_zoo):
     """``torch.hub.load`` with ``source="local"`` and a Hub repo id: the checkout's hubconf.py, the
     installed package, a pull from the local Hub; a local directory as repo_id is what the probe above loads."""
@@ -188,7 +183,6 @@ def _how_to_load(readme: str) -> tuple[str, str]:
     return blocks[0][1].strip(), blocks[1][1]
 
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_the_model_card_code_runs_verbatim_after_its_install_command(installed, hub, tiny_zoo):
     readme = hub.stand_in.repos.files(INT8_REPO)["README.md"].decode()  # the card as pushed
     install, code = _how_to_load(readme)
@@ -206,7 +200,6 @@ def test_the_model_card_code_runs_verbatim_after_its_install_command(installed, 
     assert len(printed) == 2 and set(printed) <= set(class_names), printed
 
 
-@pytest.mark.e2e  # a fresh venv and pip install
 def test_editable_install_imports_from_the_checkout(installed):
     """Last: it replaces the regular install in the shared venv."""
     done = _run([str(installed.venv / "bin" / "pip"), "install", "-q", "-e", str(installed.source)],

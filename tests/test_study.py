@@ -26,6 +26,8 @@ from surgery.similarity import MinibatchCKA
 from surgery.similarity.cca import ROWS_PER_DIRECTION_FLOOR
 from training.cli import main as training_main
 
+pytestmark = pytest.mark.e2e  # the study CLI end to end: one process, then in shards gathered
+
 TINY = ["--images", "32", "--batch-size", "8", "--groups", "4", "--deletion-images", "4", "--deletion-steps", "2",
         "--match-images", "16", "--exemplars", "2", "--seed", "3"]
 STEPS = ["--train-samples", "256", "--eval-samples", "64", "--max-steps", "2"]
