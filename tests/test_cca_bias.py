@@ -30,6 +30,8 @@ from surgery.similarity.synthetic import SpectrumPair
 # the time, at 0.95 about 2%.
 REPLICATIONS, IMAGES, BATCH, GROUPS, SHUFFLED = 100, 256, 16, 16, 5
 
+pytestmark = pytest.mark.e2e  # a simulation of minutes: the heavy part of the suite
+
 
 def _replication(model: SpectrumPair, seed: int) -> dict:
     x, y = model.sample(IMAGES, seed)
