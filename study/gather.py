@@ -187,7 +187,8 @@ def cca_overfitting(study: Study) -> dict:
                              "warning": overfitting(int(rows), int(directions), float(design))}
     return {"estimator": {"svcca": "delete-a-group jackknife bias-corrected (Quenouille; Busing et al. 1999), the "
                                    "kept dimensions fixed once from all images; interval: corrected value +- t(G-1) x "
-                                   "jackknife s.e.",
+                                   "sqrt(jackknife s.e.^2 + (|plug-in - corrected| / (sqrt(2) G))^2), the second "
+                                   "term the correction's own error (sized by simulation, bench/bench_coverage.py)",
                           "pwcca": "as computed (Morcos et al.), with the jackknife interval; its projection weights "
                                    "carry a bias the correction does not remove, so its interval is not calibrated "
                                    "against the population value: read it against the seeds' PWCCA only"},
