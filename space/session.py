@@ -139,6 +139,7 @@ class Session:
         self._similarity: dict[tuple[str, str, str], LayerSimilarity] = {}
         self._sparsity: dict[tuple[str, str], float] = {}
         self._precomputing: dict[str, threading.Thread] = {}  # family -> its Features precompute
+        self._closing = threading.Event()  # set by close(): precomputes stop at their next step
 
     def add_variant(self, family: str, variant: LoadedVariant) -> None:
         """Make a newly trained variant available to every request from now on (thread-safe); a
@@ -314,8 +315,9 @@ class Session:
         return self.cache_dir / "actmax" / f"{digest}-{layer}-c{channel}-s{steps}.png"
 
     def close(self) -> None:
-        """Wait for the Features precomputes: a thread still inside torch when the interpreter
-        exits aborts it."""
+        """Stop the Features precomputes at their next step and wait for them: a thread still inside
+        torch when the interpreter exits aborts it."""
+        self._closing.set()
         for thread in list(self._precomputing.values()):
             thread.join()
 
@@ -326,16 +328,24 @@ class Session:
         FP32 and INT8 takes tens of seconds on 2 cores). Returns the thread."""
         layer, channels = self.default_layer(family), list(DEFAULT_CHANNELS)
 
+        def stop_when_closing(step: int, total: int) -> None:
+            if self._closing.is_set():
+                raise _Closing
+
         def run() -> None:
             _lower_priority()
-            for name in self.default_columns(family):
-                variant = self.zoo(family).variants[name]
-                paths = {c: self._feature_path(variant, layer, c, steps) for c in channels}
-                missing = [c for c, p in paths.items() if not p.exists()]
-                if missing:
-                    with self.model(family, name) as model:
-                        private = copy.deepcopy(model)
-                    _render_features(private, layer, missing, steps, paths)
+            try:
+                for name in self.default_columns(family):
+                    variant = self.zoo(family).variants[name]
+                    paths = {c: self._feature_path(variant, layer, c, steps) for c in channels}
+                    missing = [c for c, p in paths.items() if not p.exists()]
+                    if missing:
+                        with self.model(family, name) as model:
+                            private = copy.deepcopy(model)
+                        _render_features(private, layer, missing, steps, paths, stop_when_closing)
+            except _Closing:
+                logger.info("%s: the Features precompute stopped, the app is closing", family)
+                return
             logger.info("%s: the Features tab's first view is ready", family)
 
         thread = threading.Thread(target=run, name=f"features-{family}", daemon=True)
@@ -392,6 +402,10 @@ class Session:
             with self.model(family, variant) as model:
                 self._sparsity[key] = compression.weight_sparsity(model)["overall"]
         return self._sparsity[key]
+
+
+class _Closing(Exception):
+    """Raised inside a precompute's activation maximisation once the session is closing."""
 
 
 def _render_features(model: nn.Module, layer: str, channels: list[int], steps: int, paths: dict[int, Path],

@@ -42,3 +42,24 @@ def test_first_features_request_gets_the_precomputed_images_and_explain_is_serve
     # Each variant's own pictures: files keyed by its weights (an untrained zoo's dead channels may
     # look alike, so the files, not the pixels, are compared).
     assert len({p for paths in files.values() for p in paths}) == len(channels) * len(files)
+
+
+def test_closing_the_session_stops_a_running_precompute_at_its_next_step(tiny_zoo, tmp_path, monkeypatch):
+    session = Session(resolve(SourceConfig(families=(FAMILY,), zoo=tiny_zoo, source="local")), cache_dir=tmp_path)
+    started, steps_seen = threading.Event(), []
+    real = session_module._render_features
+
+    def watched(model, layer, channels, steps, paths, progress=None):
+        def step(done: int, total: int) -> None:
+            steps_seen.append(done)
+            started.set()
+            progress(done, total)
+        real(model, layer, channels, steps, paths, step)
+
+    monkeypatch.setattr(session_module, "_render_features", watched)
+    thread = session.precompute(FAMILY, steps=10_000)  # hours of work if nothing stopped it
+    assert started.wait(timeout=120)
+    session.close()  # returns once the thread has ended
+    assert not thread.is_alive()
+    assert len(steps_seen) < 10_000
+    assert not list((tmp_path / "actmax").glob("*.png")), "a stopped precompute writes no picture"
