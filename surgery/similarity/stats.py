@@ -176,15 +176,22 @@ def jackknife_interval(value: np.ndarray | float, leave_out: np.ndarray,
     _check_confidence(confidence)
     value = np.asarray(value, dtype=np.float64)
     leave_out = np.asarray(leave_out, dtype=np.float64)
+    g = (~np.isnan(leave_out)).sum(0)
+    t = scipy_stats.t.ppf((1 + confidence) / 2, np.maximum(g - 1, 1))
+    half = np.where(np.isfinite(value), t * jackknife_standard_error(leave_out, allowance), np.nan)
+    return value - half, value + half
+
+
+def jackknife_standard_error(leave_out: np.ndarray, allowance: np.ndarray | float = 0.0) -> np.ndarray:
+    """``sqrt((G - 1) / G * sum_g (theta_(g) - mean theta_(g))^2 + allowance^2)`` over the defined
+    (not NaN) groups of ``leave_out: [G, *shape]``; NaN with fewer than 2."""
+    leave_out = np.asarray(leave_out, dtype=np.float64)
     defined = ~np.isnan(leave_out)
     g = defined.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         centre = np.where(defined, leave_out, 0.0).sum(0) / g
         spread = np.where(defined, (leave_out - centre) ** 2, 0.0).sum(0)
-        se = np.sqrt((g - 1) / g * spread + np.asarray(allowance, dtype=np.float64) ** 2)
-        t = scipy_stats.t.ppf((1 + confidence) / 2, np.maximum(g - 1, 1))
-    half = np.where((g >= 2) & np.isfinite(value), t * se, np.nan)
-    return value - half, value + half
+        return np.where(g >= 2, np.sqrt((g - 1) / g * spread + np.asarray(allowance, dtype=np.float64) ** 2), np.nan)
 
 
 @dataclass(frozen=True)
@@ -220,13 +227,8 @@ class Jackknife:
         return jackknife_interval(self.value, self.leave_out, confidence, self.allowance)
 
     def standard_error(self) -> np.ndarray:
-        """``sqrt((G - 1) / G * sum_g (theta_(g) - mean theta_(g))^2 + allowance^2)`` over the defined groups (NaN below 2)."""
-        defined = ~np.isnan(self.leave_out)
-        g = defined.sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            centre = np.where(defined, self.leave_out, 0.0).sum(0) / g
-            spread = np.where(defined, (self.leave_out - centre) ** 2, 0.0).sum(0)
-            return np.where(g >= 2, np.sqrt((g - 1) / g * spread + self.allowance ** 2), np.nan)
+        """:func:`jackknife_standard_error` of the replicates, with this jackknife's allowance."""
+        return jackknife_standard_error(self.leave_out, self.allowance)
 
     def bias_corrected(self, sizes: np.ndarray | None = None) -> "Jackknife":
         """Quenouille's jackknife bias correction, for statistics whose bias falls as 1 / images, with
