@@ -176,9 +176,13 @@ def test_shapes_defeats_a_linear_classifier_on_pixels():
 
     train, test = ShapesDataset(ShapesSpec("train", 1500)), ShapesDataset(ShapesSpec("test", 400))
     scaler = StandardScaler().fit(train.images.flatten(1).numpy())
-    clf = LogisticRegression(max_iter=200, C=0.01).fit(scaler.transform(train.images.flatten(1).numpy()),
-                                                      train.labels.numpy())
-    accuracy = clf.score(scaler.transform(test.images.flatten(1).numpy()), test.labels.numpy())
+    x, x_test = (scaler.transform(d.images.flatten(1).numpy()) for d in (train, test))
+    # The L2-penalised optimum lies in the span of the 1,500 training rows (representer theorem), so
+    # fitting on coordinates in an orthonormal basis of that span gives the same classifier as on the
+    # 12,288 pixels, in an eighth of the time.
+    basis = np.linalg.qr(x.T)[0]
+    clf = LogisticRegression(max_iter=200, C=0.01).fit(x @ basis, train.labels.numpy())
+    accuracy = clf.score(x_test @ basis, test.labels.numpy())
     logger.info("logistic regression on raw shapes pixels: %.3f held-out accuracy (chance 0.1)", accuracy)
     assert accuracy < 0.6
 

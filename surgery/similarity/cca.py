@@ -187,9 +187,12 @@ class MomentAccumulator:
         result's ``extra["kept"]``. ``shuffled``: the scores of the shuffled-images pairing.
         """
         full = self.moments()
-        kept = {"svcca": kept_dims(full, keep), "pwcca": kept_dims(full, pwcca_keep)}
+        # One eigendecomposition per side serves the kept counts and the full-data scores (the
+        # shuffled pairing changes only the cross moments): 2 instead of 6, the bulk of the cost.
+        sides = None if isinstance(keep, tuple) and isinstance(pwcca_keep, tuple) else spectra(full)
+        kept = {"svcca": kept_dims(full, keep, sides), "pwcca": kept_dims(full, pwcca_keep, sides)}
         full = self.moments(shuffled=shuffled) if shuffled else full
-        values = _scores_or_nan(full, methods, kept)
+        values = _scores_or_nan(full, methods, kept, sides)
         leave_out = {m: [] for m in methods}
         for g in range(self.groups):
             empty = float(self._sums[g][0]) == 0
@@ -201,21 +204,31 @@ class MomentAccumulator:
                              extra={"kept": kept[m], "rows": self.rows, "dims": self.dims}) for m in methods}
 
 
-def kept_dims(m: Moments, keep: Keep) -> tuple[int, int]:
-    """The directions each side keeps for ``keep`` (see :func:`svcca`), as counts."""
+def kept_dims(m: Moments, keep: Keep, sides: tuple[Spectrum, Spectrum] | None = None) -> tuple[int, int]:
+    """The directions each side keeps for ``keep`` (see :func:`svcca`), as counts; ``sides``: the
+    moments' :func:`spectra`, when already computed."""
     if isinstance(keep, tuple):
         return keep
-    return tuple(_whitener(_spectrum(c, side), keep).shape[1] for c, side in ((m.xx, "x"), (m.yy, "y")))
+    return tuple(_whitener(s, keep).shape[1] for s in sides or spectra(m))
 
 
-def _scores_or_nan(m: Moments, methods: tuple[str, ...], kept: dict[str, tuple[int, int]]) -> dict[str, float]:
+def _scores_or_nan(m: Moments, methods: tuple[str, ...], kept: dict[str, tuple[int, int]],
+                   sides: tuple[Spectrum, Spectrum] | None = None) -> dict[str, float]:
     try:
-        return cca_scores(m, methods, kept["svcca"], pwcca_keep=kept["pwcca"])
+        return cca_scores(m, methods, kept["svcca"], pwcca_keep=kept["pwcca"], sides=sides)
     except (ValueError, torch.linalg.LinAlgError):  # the rest has no variance, or no SVD converges
         return {method: math.nan for method in methods}
 
 
-def _spectrum(cov: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+Spectrum = tuple[torch.Tensor, torch.Tensor]  # eigenvalues (descending), eigenvectors [d, rank]
+
+
+def spectra(m: Moments) -> tuple[Spectrum, Spectrum]:
+    """Each side's covariance spectrum, cut at its numerical rank."""
+    return _spectrum(m.xx, "x"), _spectrum(m.yy, "y")
+
+
+def _spectrum(cov: torch.Tensor, name: str) -> Spectrum:
     """Eigenvalues (descending) and eigenvectors of a covariance, cut at its numerical rank."""
     eigvals, eigvecs = torch.linalg.eigh(cov)
     eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
@@ -226,7 +239,7 @@ def _spectrum(cov: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]
     return eigvals[:rank], eigvecs[:, :rank]
 
 
-def _whitener(spectrum: tuple[torch.Tensor, torch.Tensor], keep: float | int | None) -> torch.Tensor:
+def _whitener(spectrum: Spectrum, keep: float | int | None) -> torch.Tensor:
     """``[d, k]`` map to whitened coordinates of the top-``k`` principal directions.
 
     ``keep``: a fraction of variance in (0, 1], a number of directions (at most the numerical
@@ -275,17 +288,18 @@ def _cca(m: Moments, wx: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def cca_scores(m: Moments, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 0.99, *,
-               pwcca_keep: Keep = None) -> dict[str, float]:
+               pwcca_keep: Keep = None, sides: tuple[Spectrum, Spectrum] | None = None) -> dict[str, float]:
     """SVCCA (``keep`` as in :func:`svcca`) and/or PWCCA (on the subspaces ``pwcca_keep`` keeps;
     None: every direction, as Morcos et al.) from precomputed moments. A ``(k_x, k_y)`` tuple
-    keeps that many directions on each side.
+    keeps that many directions on each side. ``sides``: the moments' :func:`spectra`, when the
+    caller has them.
 
     Both share one eigendecomposition per side, the costly step of every jackknife replicate.
     """
     unknown = [method for method in methods if method not in CCA_METHODS]
     if unknown:
         raise ValueError(f"unknown CCA method {unknown[0]!r}; choose from {CCA_METHODS}")
-    sx, sy = _spectrum(m.xx, "x"), _spectrum(m.yy, "y")
+    sx, sy = sides or spectra(m)
 
     def whiteners(k: Keep) -> tuple[torch.Tensor, torch.Tensor]:
         kx, ky = k if isinstance(k, tuple) else (k, k)
@@ -330,7 +344,7 @@ def canonical_correlations(x: Matrix, y: Matrix, keep: float | int | None = None
     check_keep(keep)
     x, y = paired_matrices(x, y, 2)
     m = moments(x, y)
-    rho = _cca(m, _whitener(_spectrum(m.xx, "x"), keep), _whitener(_spectrum(m.yy, "y"), keep))[0]
+    rho = _cca(m, *(_whitener(s, keep) for s in spectra(m)))[0]
     warn_if_overfit(x.shape[0], rho.numel())
     return rho
 
