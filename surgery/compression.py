@@ -303,6 +303,12 @@ def depthwise_layers(model: nn.Module) -> list[str]:
             if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
 
 
+def small_layers(model: nn.Module, below: int) -> list[str]:
+    """The names of the model's conv and linear layers with fewer than ``below`` weights."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() < below]
+
+
 def _masks_on(model: nn.Module, example_input: torch.Tensor, mode: nncf.PruneMode, dense: list[str]) -> None:
     """NNCF masks at ratio 0 on every conv and linear layer but the ``dense`` ones."""
     # NNCF names a module's op by its path with "/" for "."; a layer's weight is an input of that op.

@@ -176,7 +176,8 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
                                       bias_correction=c.bias_correction)
     else:
         _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
-                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction)
+                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction,
+                                   dense_below=c.dense_below, reconstruction=c.reconstruction_samples)
     return metrics
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from surgery.registry import ModelFamily, Recipe, build_model
 from surgery.variants import VariantSpec, parse_variant
 from training import distributed
 from training.batchnorm import match_batchnorm_statistics
+from training.reconstruction import reconstruct_pruned_layers
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -164,11 +166,14 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
                   out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
-                  batchnorm_correction: int = 0) -> tuple[nn.Module, dict]:
+                  batchnorm_correction: int = 0, dense_below: int = 0,
+                  reconstruction: int = 0) -> tuple[nn.Module, dict]:
     """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
-    ``-dwdense``) ramped from 0 to the variant's sparsity over the first ``ramp`` fraction of
-    fine-tuning (the rest trains around the final masks); masks then baked into the weights. With
-    ``batchnorm_correction`` images, BatchNorm statistics
+    ``-dwdense``, layers with fewer than ``dense_below`` weights too) ramped from 0 to the variant's
+    sparsity over the first ``ramp`` fraction of fine-tuning (the rest trains around the final
+    masks); masks then baked into the weights. With ``reconstruction`` images, the masks are set at
+    once and each layer's kept weights refitted to FP32's outputs instead of fine-tuning
+    (:mod:`training.reconstruction`). With ``batchnorm_correction`` images, BatchNorm statistics
     are matched to FP32's after every change of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
         raise ValueError(f"{spec.name} is not a sparse variant")
@@ -178,7 +183,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     seed_everything(job.seed)
     model = copy.deepcopy(fp32).to(job.ctx.device)
     example = next(iter(_image_batches(job.train_set, job.seed, batch_size=2))).to(job.ctx.device)
-    dense = compression.depthwise_layers(model) if spec.keep_depthwise else []
+    spared = set(compression.depthwise_layers(model) if spec.keep_depthwise else []) \
+        | set(compression.small_layers(model, dense_below))
+    dense = [name for name, _ in model.named_modules() if name in spared]
     images = _correction_images(job, batchnorm_correction) if batchnorm_correction else None
 
     def correct() -> None:
@@ -192,17 +199,32 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
                            "+ fine-tuning", "mode": str(scheduler.mode),
                  "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} "
                              "of fine-tuning"}
-    # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
-    model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
-                desc=spec.name, workers=job.workers, channels_last=False, on_step=grow,
-                teacher=_teacher(fp32, recipe))
-    if grow.finish():
-        logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
-                       spec.name, _steps(recipe, job), spec.sparsity * 100)
-    compression.bake_sparsity(model)
+    if reconstruction:
+        scheduler.step(RAMP_UPDATES)  # the target masks at once: the refit replaces fine-tuning
+        compression.bake_sparsity(model)
+        refit = _correction_images(job, reconstruction, salt=2)
+        if recipe.image_size:
+            refit = nn.functional.interpolate(refit, size=recipe.image_size, mode="bilinear", antialias=True)
+        errors = reconstruct_pruned_layers(model, fp32, refit)
+        correct()
+        selection = {**selection, "method": selection["method"].replace("+ fine-tuning", "+ layer-wise reconstruction"),
+                     "schedule": "one-shot", "reconstruction": {
+                         "samples": reconstruction, "image_size": recipe.image_size or job.family.input_size,
+                         "layers_refitted": len(errors),
+                         "median_relative_output_error": float(torch.tensor([*errors.values(), math.nan]).nanmedian())}}
+    else:
+        # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
+        model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                    desc=spec.name, workers=job.workers, channels_last=False, on_step=grow,
+                    teacher=_teacher(fp32, recipe))
+        if grow.finish():
+            logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
+                           spec.name, _steps(recipe, job), spec.sparsity * 100)
+        compression.bake_sparsity(model)
+    steps = 0 if reconstruction else _steps(recipe, job)
     comp = {**selection, "target_sparsity": spec.sparsity, "dense_layers": dense,
-            "finetune_steps": _steps(recipe, job), "batchnorm_correction_samples": batchnorm_correction,
-            **_distillation_record(recipe)}
+            "finetune_steps": steps, "batchnorm_correction_samples": batchnorm_correction,
+            **(_distillation_record(recipe) if steps else {})}
     metrics, _ = _finish(model, job, out, spec.name, "sparse", recipe, comp, reference, started)
     return model, metrics
 
