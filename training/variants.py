@@ -211,7 +211,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
                      "schedule": "one-shot", "reconstruction": {
                          "samples": reconstruction, "image_size": recipe.image_size or job.family.input_size,
                          "layers_refitted": len(errors),
-                         "median_relative_output_error": float(torch.tensor([*errors.values(), math.nan]).nanmedian())}}
+                         # over the pruned layers: the ones whose lost weights the refit makes up for
+                         "median_relative_output_error": float(torch.tensor(
+                             [e for name, e in errors.items() if name not in spared] or [math.nan]).median())}}
     else:
         # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
         model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
