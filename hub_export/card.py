@@ -106,10 +106,13 @@ def _what(config: dict) -> str:
         return f"the full-precision (FP32) model, seed {config.get('recipe', {}).get('seed')}"
     comp = config.get("compression", {})
     if config["kind"] == "quantized":
-        return (f"{_widths(comp)}, quantized with NNCF (calibration, then quantization-aware fine-tuning)")
+        then = ", then quantization-aware fine-tuning" if comp.get("qat_steps", 1) else " only, no fine-tuning"
+        return f"{_widths(comp)}, quantized with NNCF (calibration{then})"
     target = comp.get("target_sparsity")
     ratio = f" to {target:.0%} sparsity" if target is not None else ""
-    return f"unstructured magnitude pruning with NNCF{ratio}, masks baked into the weights"
+    refit = (", then every layer's kept weights refitted to FP32's outputs on calibration images"
+             if comp.get("reconstruction") else "")
+    return f"unstructured magnitude pruning with NNCF{ratio}{refit}, masks baked into the weights"
 
 
 def _results(config: dict) -> str:

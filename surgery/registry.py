@@ -180,11 +180,6 @@ FASHION_CPU_RECIPE = Recipe(epochs=5, lr=2e-3, batch_size=128, optimizer="adamw"
                             warmup_epochs=0.25, label_smoothing=0.1, autocast="bfloat16")
 
 
-# Distillation steps of a sparse MobileNetV2 (batch 32 at 160 px, teacher and student: ~5 s a step on
-# 2 cores): the zoo's time budget (README), not convergence, sets them.
-SPARSE_STEPS = 24
-
-
 def _imagenet_classes() -> tuple[str, ...]:
     # The class list ships inside torchvision's weight metadata (the same for every network's
     # ImageNet weights): no download needed.

@@ -194,41 +194,43 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
 
     scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
                                                      per_layer=per_layer, dense=dense)
-    grow = _MaskRamp(scheduler, ramp * recipe.epochs, correct)
-    selection = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) "
-                           "+ fine-tuning", "mode": str(scheduler.mode),
-                 "schedule": f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} "
-                             "of fine-tuning"}
     if reconstruction:
         scheduler.step(RAMP_UPDATES)  # the target masks at once: the refit replaces fine-tuning
         compression.bake_sparsity(model)
-        refit = _correction_images(job, reconstruction, salt=2)
-        if recipe.image_size:
-            refit = nn.functional.interpolate(refit, size=recipe.image_size, mode="bilinear", antialias=True)
-        errors = reconstruct_pruned_layers(model, fp32, refit)
+        refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruction, spared)}
         correct()
-        selection = {**selection, "method": selection["method"].replace("+ fine-tuning", "+ layer-wise reconstruction"),
-                     "schedule": "one-shot", "reconstruction": {
-                         "samples": reconstruction, "image_size": recipe.image_size or job.family.input_size,
-                         "layers_refitted": len(errors),
-                         # over the pruned layers: the ones whose lost weights the refit makes up for
-                         "median_relative_output_error": float(torch.tensor(
-                             [e for name, e in errors.items() if name not in spared] or [math.nan]).median())}}
+        how, schedule, steps = "layer-wise reconstruction", "one-shot", 0
     else:
+        grow, steps = _MaskRamp(scheduler, ramp * recipe.epochs, correct), _steps(recipe, job)
         # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
         model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                     desc=spec.name, workers=job.workers, channels_last=False, on_step=grow,
                     teacher=_teacher(fp32, recipe))
         if grow.finish():
             logger.warning("%s: %d steps were too few for the sparsity ramp; pruned to %.0f%% without fine-tuning",
-                           spec.name, _steps(recipe, job), spec.sparsity * 100)
+                           spec.name, steps, spec.sparsity * 100)
         compression.bake_sparsity(model)
-    steps = 0 if reconstruction else _steps(recipe, job)
-    comp = {**selection, "target_sparsity": spec.sparsity, "dense_layers": dense,
-            "finetune_steps": steps, "batchnorm_correction_samples": batchnorm_correction,
-            **(_distillation_record(recipe) if steps else {})}
+        refit, how = {}, "fine-tuning"
+        schedule = f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning"
+    comp = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) + {how}",
+            "mode": str(scheduler.mode), "schedule": schedule, **refit,
+            "target_sparsity": spec.sparsity, "dense_layers": dense, "finetune_steps": steps,
+            "batchnorm_correction_samples": batchnorm_correction, **(_distillation_record(recipe) if steps else {})}
     metrics, _ = _finish(model, job, out, spec.name, "sparse", recipe, comp, reference, started)
     return model, metrics
+
+
+def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe, samples: int, spared: set[str]) -> dict:
+    """Refit the pruned ``model``'s layers to FP32 on ``samples`` training images (at the recipe's
+    image size); what the checkpoint records of it."""
+    images = _correction_images(job, samples, salt=2)
+    if recipe.image_size:
+        images = nn.functional.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
+    errors = reconstruct_pruned_layers(model, fp32, images)
+    pruned = [e for name, e in errors.items() if name not in spared]  # the layers the refit makes up for
+    return {"samples": samples, "image_size": recipe.image_size or job.family.input_size,
+            "layers_refitted": len(errors),
+            "median_relative_output_error": float(torch.tensor(pruned or [math.nan]).median())}
 
 
 @dataclass
