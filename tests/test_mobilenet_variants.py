@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from surgery import compression
+from surgery.attribution.activations import LayerCapture
 from surgery.checkpoint import load_local
 from surgery.data.photos import HeldOutCrops, PhotoCrops
 from surgery.registry import Recipe, build_model, get_family
@@ -164,11 +165,6 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
 
 
 def _output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    seen = []
-    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: seen.append(o))
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        handle.remove()
-    return seen[0]
+    with LayerCapture(model, name) as capture, torch.no_grad():
+        model.eval()(x)
+    return capture.output
