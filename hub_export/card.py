@@ -106,8 +106,11 @@ def _what(config: dict) -> str:
         return f"the full-precision (FP32) model, seed {config.get('recipe', {}).get('seed')}"
     comp = config.get("compression", {})
     if config["kind"] == "quantized":
-        then = ", then quantization-aware fine-tuning" if comp.get("qat_steps", 1) else " only, no fine-tuning"
-        return f"{_widths(comp)}, quantized with NNCF (calibration{then})"
+        refit = (", every layer's weights then refitted to FP32's outputs on calibration images and rounded onto "
+                 "their grid with GPTQ's error compensation" if comp.get("reconstruction") else "")
+        then = (", then quantization-aware fine-tuning" if comp.get("qat_steps", 1)
+                else ", no fine-tuning" if refit else " only, no fine-tuning")
+        return f"{_widths(comp)}, quantized with NNCF (calibration{refit}{then})"
     target = comp.get("target_sparsity")
     ratio = f" to {target:.0%} sparsity" if target is not None else ""
     refit = (", then every layer's kept weights refitted to FP32's outputs on calibration images"

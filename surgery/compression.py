@@ -30,6 +30,7 @@ from nncf.quantization.advanced_parameters import QuantizationParameters
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 from nncf.torch.function_hook.pruning.magnitude.algo import get_pruned_modules as _pruning_masks
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
+from nncf.torch.function_hook.hook_executor_mode import disable_function_hook_mode
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
 from nncf.torch.quantization import extensions as _extensions
 from nncf.torch.quantization.layers import BaseQuantizer, SymmetricQuantizer
@@ -188,6 +189,14 @@ def quantizer_roles(model: nn.Module, example: torch.Tensor) -> dict[str, Quanti
             fed = readers.get(output.data_ptr(), []) if output is not None else []
             roles[name] = QuantizerRole("activation", fed[0] if fed else None, bool(edges.intersection(fed)))
     return roles
+
+
+def weight_quantizers(model: nn.Module, example: torch.Tensor) -> dict[str, BaseQuantizer]:
+    """Each quantized conv and linear layer's weight quantizer, by layer name; calling one on a
+    weight tensor of its layer's shape gives the weights the forward uses (empty for FP32 models)."""
+    named = named_quantizers(model)
+    return {role.layer: named[name] for name, role in quantizer_roles(model, example).items()
+            if role.kind == "weight" and role.layer is not None}
 
 
 def bit_widths(model: nn.Module) -> dict[str, int]:
@@ -400,6 +409,13 @@ def forward_lock(model: nn.Module) -> ContextManager:
         ...     logits = model(x)
     """
     return _NNCF_FORWARD_LOCK if _has_hooks(model) else nullcontext()
+
+
+def untraced() -> ContextManager:
+    """Hold around work that a forward hook of an NNCF model does on the side (another model's
+    forward, a quantizer called on a weight): NNCF names ops by their order within the forward,
+    so untraced ops would otherwise be taken for the model's own and get its hooks."""
+    return disable_function_hook_mode()
 
 
 class _StraightThrough(torch.autograd.Function):

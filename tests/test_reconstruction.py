@@ -1,6 +1,7 @@
-"""Layer-wise reconstruction of a pruned network (training/reconstruction.py): each layer's kept
-weights are the least-squares fit to FP32's outputs given the pruned network's own inputs, the
-masks stay, and a layer that lost nothing keeps its weights."""
+"""Layer-wise reconstruction (training/reconstruction.py): a pruned layer's kept weights are the
+least-squares fit to FP32's outputs given the pruned network's own inputs, the masks stay, and a
+layer that lost nothing keeps its weights; a quantized layer's weights are rounded onto their grid
+with GPTQ's error compensation, which beats rounding to the nearest level on the layer's output."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from training.reconstruction import DAMPING, reconstruct_pruned_layers
+from training.reconstruction import DAMPING, _round_with_compensation, reconstruct_pruned_layers
 
 
 def _pruned(layer: nn.Module, fraction: float) -> nn.Module:
@@ -65,3 +66,17 @@ def test_a_network_that_lost_nothing_keeps_its_weights_and_convolutions_refit_th
     assert gap["refitted"] < 0.7 * gap["one-shot"], gap
     for i in (0, 2, 4, 7):
         assert torch.equal(refitted[i].weight == 0, pruned[i].weight == 0)
+
+
+def test_rounding_with_error_compensation_stays_on_the_grid_and_beats_rounding_to_nearest():
+    torch.manual_seed(2)
+    x = torch.randn(2000, 16) @ torch.randn(16, 16)  # correlated inputs: later columns can absorb errors
+    w = torch.randn(6, 16)
+
+    def grid(v: torch.Tensor) -> torch.Tensor:  # levels 0.5 apart, as a coarse weight quantizer's
+        return torch.round(v * 2) / 2
+
+    rounded = _round_with_compensation(w, (x.T @ x).double()[None], DAMPING, grid)
+    assert torch.equal(grid(rounded), rounded), "every weight on the grid"
+    error = {name: float((x @ (v - w).T).norm()) for name, v in (("compensated", rounded), ("nearest", grid(w)))}
+    assert error["compensated"] < 0.7 * error["nearest"], error

@@ -27,7 +27,7 @@ from surgery.registry import ModelFamily, Recipe, build_model
 from surgery.variants import VariantSpec, parse_variant
 from training import distributed
 from training.batchnorm import match_batchnorm_statistics
-from training.reconstruction import reconstruct_pruned_layers
+from training.reconstruction import reconstruct_pruned_layers, reconstruct_quantized_layers
 from training.loop import accuracy_metrics, fit, predict, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,10 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
     """Post-training quantization with NNCF at the variant's bit widths (first convolution and
     classifier at 8 bits; depthwise convolutions too for ``-dw8``), then quantization-aware
     fine-tuning with the ranges trained too: on the labels, or distilled from ``fp32`` when the
-    recipe says so (:mod:`training.distillation`). Before fine-tuning, with ``batchnorm_correction`` images the BatchNorm statistics are matched to FP32's
+    recipe says so (:mod:`training.distillation`). Before fine-tuning, on the recipe's
+    ``reconstruction_samples`` images, each layer's weights are refitted to FP32's outputs and rounded onto their grid
+    (:func:`training.reconstruction.reconstruct_quantized_layers`), and then, with
+    ``batchnorm_correction`` images, the BatchNorm statistics are matched to FP32's
     (:mod:`training.batchnorm`)."""
     if spec.kind != "quantized":
         raise ValueError(f"{spec.name} is not a quantized variant")
@@ -144,6 +147,9 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
                                      activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise,
                                      bias_correction=bias_correction)
+    reconstruction = recipe.reconstruction_samples
+    refit = {"reconstruction": _refit(quantized, fp32, job, recipe, reconstruction, reconstruct_quantized_layers)} \
+        if reconstruction else {}
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     steps = _steps(recipe, job)
@@ -151,6 +157,7 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
         quantized = fit(quantized, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                         desc=f"{spec.name}-qat", workers=job.workers, teacher=_teacher(fp32, recipe))
     method = " + ".join(["nncf.quantize" + ("" if bias_correction else " (no bias correction)")]
+                        + (["layer-wise reconstruction (GPTQ rounding)"] if reconstruction else [])
                         + (["BatchNorm statistics matched to FP32"] if batchnorm_correction else [])
                         + ([("distillation from FP32" if recipe.distill_temperature else "quantization-aware training")]
                            if steps else []))
@@ -159,20 +166,19 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
             "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
             "bias_correction": bias_correction, "batchnorm_correction_samples": batchnorm_correction,
             "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
-            "qat_steps": steps, **(_distillation_record(recipe) if steps else {})}
+            "qat_steps": steps, **refit, **(_distillation_record(recipe) if steps else {})}
     metrics, _ = _finish(quantized, job, out, spec.name, "quantized", recipe, comp, reference, started)
     return quantized, metrics
 
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
                   out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
-                  batchnorm_correction: int = 0, dense_below: int = 0,
-                  reconstruction: int = 0) -> tuple[nn.Module, dict]:
+                  batchnorm_correction: int = 0, dense_below: int = 0) -> tuple[nn.Module, dict]:
     """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
     ``-dwdense``, layers with fewer than ``dense_below`` weights too) ramped from 0 to the variant's
     sparsity over the first ``ramp`` fraction of fine-tuning (the rest trains around the final
-    masks); masks then baked into the weights. With ``reconstruction`` images, the masks are set at
-    once and each layer's kept weights refitted to FP32's outputs instead of fine-tuning
+    masks); masks then baked into the weights. With the recipe's ``reconstruction_samples`` images,
+    the masks are set at once and each layer's kept weights refitted to FP32's outputs instead of fine-tuning
     (:mod:`training.reconstruction`). With ``batchnorm_correction`` images, BatchNorm statistics
     are matched to FP32's after every change of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
@@ -194,10 +200,11 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
 
     scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
                                                      per_layer=per_layer, dense=dense)
-    if reconstruction:
+    if recipe.reconstruction_samples:
         scheduler.step(RAMP_UPDATES)  # the target masks at once: the refit replaces fine-tuning
         compression.bake_sparsity(model)
-        refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruction, spared)}
+        refit = {"reconstruction": _refit(model, fp32, job, recipe, recipe.reconstruction_samples,
+                                          reconstruct_pruned_layers, spared)}
         correct()
         how, schedule, steps = "layer-wise reconstruction", "one-shot", 0
     else:
@@ -220,13 +227,15 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     return model, metrics
 
 
-def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe, samples: int, spared: set[str]) -> dict:
-    """Refit the pruned ``model``'s layers to FP32 on ``samples`` training images (at the recipe's
-    image size); what the checkpoint records of it."""
+def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe, samples: int,
+           reconstruct: Callable[[nn.Module, nn.Module, torch.Tensor], dict[str, float]],
+           spared: set[str] = frozenset()) -> dict:
+    """Refit ``model``'s layers to FP32 with ``reconstruct`` on ``samples`` training images (at the
+    recipe's image size); what the checkpoint records of it (the error over the layers not ``spared``)."""
     images = _correction_images(job, samples, salt=2)
     if recipe.image_size:
         images = nn.functional.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
-    errors = reconstruct_pruned_layers(model, fp32, images)
+    errors = reconstruct(model, fp32, images)
     pruned = [e for name, e in errors.items() if name not in spared]  # the layers the refit makes up for
     return {"samples": samples, "image_size": recipe.image_size or job.family.input_size,
             "layers_refitted": len(errors),
