@@ -148,8 +148,7 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise,
                                      bias_correction=bias_correction)
     reconstruction = recipe.reconstruction_samples
-    refit = {"reconstruction": _refit(quantized, fp32, job, recipe, reconstruction, reconstruct_quantized_layers)} \
-        if reconstruction else {}
+    refit = {"reconstruction": _refit(quantized, fp32, job, recipe, reconstruct_quantized_layers)} if reconstruction else {}
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     steps = _steps(recipe, job)
@@ -203,8 +202,7 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     if recipe.reconstruction_samples:
         scheduler.step(RAMP_UPDATES)  # the target masks at once: the refit replaces fine-tuning
         compression.bake_sparsity(model)
-        refit = {"reconstruction": _refit(model, fp32, job, recipe, recipe.reconstruction_samples,
-                                          reconstruct_pruned_layers, spared)}
+        refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruct_pruned_layers, spared)}
         correct()
         how, schedule, steps = "layer-wise reconstruction", "one-shot", 0
     else:
@@ -227,11 +225,13 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     return model, metrics
 
 
-def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe, samples: int,
+def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe,
            reconstruct: Callable[[nn.Module, nn.Module, torch.Tensor], dict[str, float]],
            spared: set[str] = frozenset()) -> dict:
-    """Refit ``model``'s layers to FP32 with ``reconstruct`` on ``samples`` training images (at the
-    recipe's image size); what the checkpoint records of it (the error over the layers not ``spared``)."""
+    """Refit ``model``'s layers to FP32 with ``reconstruct`` on the recipe's ``reconstruction_samples``
+    training images (at its image size); what the checkpoint records of it (the error over the
+    layers not ``spared``)."""
+    samples = recipe.reconstruction_samples
     images = _correction_images(job, samples, salt=2)
     if recipe.image_size:
         images = nn.functional.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
