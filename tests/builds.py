@@ -14,6 +14,7 @@ A new family plugs in with one more :class:`Build` in :data:`BUILDS` (e.g. its u
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -122,28 +123,47 @@ def zoo_in_process(family: str, args: list[str], on_saved: Callable[[str, Any], 
     return run
 
 
+def _child(argv: list[str], log: Path) -> None:
+    """``python argv`` in a child process at lower priority on one thread, its output in ``log``.
+
+    One thread: the shapes zoo trains as fast on one core as on two (209 s against 195 s alone, AMD
+    EPYC), and two threads beside the tests' own cost 690 CPU-s instead of 210 (a fresh clone's run),
+    their parallel regions stalled each time the tests take one of the cores."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as output:
+        child = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICENESS), sys.executable, *argv], cwd=REPO_ROOT,
+                                 env=env, stdout=output, stderr=subprocess.STDOUT)
+        CHILDREN.add(child)
+        try:
+            code = child.wait()
+        finally:
+            CHILDREN.discard(child)
+    if code != 0:
+        raise RuntimeError(f"exit {code}; the end of {log}:\n{log.read_text()[-3000:]}")
+
+
 def zoo_in_background(family: str, args: list[str]):
     """``python -m training zoo`` in a child process at lower priority, its output in a log file."""
 
     def run(workdir: Path) -> Path:
-        out, log = workdir / family, workdir / f"{family}.log"
+        out = workdir / family
         workdir.mkdir(parents=True, exist_ok=True)
-        # One thread: the shapes zoo trains as fast on one core as on two (209 s against 195 s alone,
-        # AMD EPYC), and two threads beside the tests' own cost 690 CPU-s instead of 210 (a fresh clone's
-        # run), their parallel regions stalled each time the tests take one of the cores.
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-        with open(log, "wb") as output:
-            child = subprocess.Popen(["nice", "-n", str(BACKGROUND_NICENESS), sys.executable, "-m", "training", "zoo",
-                                      "--family", family, "--out", str(out), *args],
-                                     cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
-            CHILDREN.add(child)
-            try:
-                code = child.wait()
-            finally:
-                CHILDREN.discard(child)
-        if code != 0:
-            raise RuntimeError(f"exit {code}; the end of {log}:\n{log.read_text()[-3000:]}")
+        _child(["-m", "training", "zoo", "--family", family, "--out", str(out), *args], workdir / f"{family}.log")
         return out
+
+    return run
+
+
+def json_in_background(module: str, function: str):
+    """``module.function()`` (a module of ``tests/``, returning JSON-able data) in a child process at
+    lower priority: a simulation that fills the cycles the tests leave idle."""
+
+    def run(workdir: Path) -> Any:
+        out = workdir / f"{function}.json"
+        workdir.mkdir(parents=True, exist_ok=True)
+        code = f"import json, sys, {module}; json.dump({module}.{function}(), open(sys.argv[1], 'w'))"
+        _child(["-c", code, str(out)], workdir / f"{function}.log")
+        return json.loads(out.read_text())
 
     return run
 
@@ -227,4 +247,5 @@ BUILDS: dict[str, Build] = {b.name: b for b in (
           needs=ci.fashion_mnist_missing),
     Build("installed", installed_package, background=True, order=0),
     Build("shapes_zoo", zoo_in_background(FAMILY, TRAINED_ZOO_ARGS), background=True, order=1),
+    Build("cca_replications", json_in_background("test_cca_bias", "replications"), background=True, order=0),
 )}

@@ -12,6 +12,7 @@ the summary prints their times in a section of its own:
 - ``shapes_zoo``: the trained zoo, trained in a child process at lower priority while the other
   tests run; the tests that need it run last.
 - ``installed``: a fresh venv with the package pip-installed, made in a thread meanwhile.
+- ``cca_replications``: ``test_cca_bias``'s simulation, in a child process at lower priority meanwhile.
 - ``tiny_fashion_zoo``: resnet18-fashionmnist after two steps a stage, where Debian's data is.
 
 ``SURGERY_TEST_ZOO`` (trained) and ``SURGERY_TEST_UNTRAINED_ZOO`` (untrained) may point at zoos built
@@ -78,11 +79,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtestloop(session: pytest.Session):
-    """Start the builds the selected tests need: background ones first, then the rest here."""
+    """Start the builds the selected tests need: the foreground ones here, then the background ones.
+
+    Not the other way round: the untrained zoo's two threads stall beside a pip install and a
+    training child (131 s against 45 s alone), while the background builds are done long before
+    the tests that wait for them run (the shapes zoo at about 420 s of a 1,170 s run)."""
     if not session.config.option.collectonly:
         needed = {b.name: b for item in session.items for b in _builds_of(item)}
         root = session.config._tmp_path_factory.mktemp("session-builds")
-        for build in sorted(needed.values(), key=lambda b: not b.background):
+        for build in sorted(needed.values(), key=lambda b: b.background):
             if build.needs() is None:
                 build.start(root / build.name)
     return (yield)
@@ -146,6 +151,12 @@ def tiny_zoo(untrained_zoo, tmp_path_factory) -> Path:
 def shapes_zoo() -> Path:
     """The trained resnet18-shapes zoo (fp32, int8, sparse90), trained while the other tests run."""
     return _result("shapes_zoo")
+
+
+@pytest.fixture(scope="session")
+def cca_replications() -> list[dict]:
+    """``tests/test_cca_bias.py``'s SVCCA replications, simulated in a child process meanwhile."""
+    return _result("cca_replications")
 
 
 def _mobilenet_zoo(tmp_path_factory: pytest.TempPathFactory, env: str, name: str, family: str,
@@ -251,11 +262,15 @@ def hub(untrained_zoo, tmp_path_factory):
         yield SimpleNamespace(stand_in=stand_in, olah=olah, root=root)
 
 
+def handlers_of(demo):
+    """The ``space.ui.Handlers`` behind a Space built in-process (what its endpoints call)."""
+    return next(f for f in demo.fns.values() if f.api_name == "explain").fn.__self__
+
+
 def close_app(demo) -> None:
     """Stop a Space served in-process, and the OpenVINO exports its Models tab started."""
     demo.close()
-    explain = next(f for f in demo.fns.values() if f.api_name == "explain")
-    explain.fn.__self__.close()
+    handlers_of(demo).close()
 
 
 _shared_setups: list[tuple[float, str, str]] = []  # seconds, fixture, the test it was set up for

@@ -21,6 +21,7 @@ from PIL import Image
 from space.examples import PHOTOS, photo_path, write_examples
 from space.zoo_source import SourceConfig, SourceError, resolve
 from hub_servers import PULL_DEADLINE_S, closed_endpoint
+from conftest import handlers_of
 from test_images import png_header_only
 from surgery import attribution, compression, load_variant
 from surgery.actmax import activation_maximization
@@ -331,8 +332,7 @@ def test_requests_leave_no_hooks_and_no_gradients_on_the_shared_models(client, e
 
 def _session(demo):
     """The Session behind a running demo (the Explain handler is bound to it)."""
-    explain = next(f for f in demo.fns.values() if f.api_name == "explain")
-    return explain.fn.__self__.session
+    return handlers_of(demo).session
 
 
 def test_study_tab_says_how_to_compute_a_missing_study(client, tiny_zoo):

@@ -16,7 +16,7 @@ import pytest
 from gradio import Error
 from PIL import Image
 
-from conftest import close_app
+from conftest import close_app, handlers_of
 from space.app import create_app
 from space.zoo_source import DEFAULT_BUILD, DEFAULT_FAMILIES, BuildOptions
 from surgery.data import offline_available
@@ -34,11 +34,6 @@ def test_the_first_page_is_the_pretrained_mobilenet_with_fp32_and_int8():
     assert offline_available("resnet18-shapes") and offline_available(LATER)
 
 
-def _handlers(demo):
-    explain = next(f for f in demo.fns.values() if f.api_name == "explain")
-    return explain.fn.__self__
-
-
 @pytest.mark.e2e  # a whole family trained by the Space in the background
 def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, monkeypatch, mobilenet_weights):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -48,7 +43,7 @@ def test_a_family_built_in_the_background_joins_the_page(tiny_zoo, tmp_path, mon
     (zoo / "resnet18-shapes").symlink_to(tiny_zoo.resolve(), target_is_directory=True)  # served as it is
     demo, _ = create_app(["--zoo", str(zoo), "--families", f"resnet18-shapes,{LATER}", "--build-steps", "2",
                           "--feature-steps", "8", "--cache-dir", str(tmp_path / "cache")])
-    h = _handlers(demo)
+    h = handlers_of(demo)
     session = h.session
     try:
         assert list(session.families) == ["resnet18-shapes"] and list(session.coming) == [LATER]

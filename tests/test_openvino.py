@@ -25,6 +25,7 @@ from hub_export import openvino as deploy
 from hub_export.cli import main as hub_export_main
 from hub_servers import ORG, TOKEN
 from hub_servers import run_client as client
+from conftest import handlers_of
 from surgery import load_variant
 
 VARIANTS = ("fp32", "int8", "sparse90")
@@ -189,8 +190,7 @@ def test_models_tab_shows_deployed_figures_with_the_machine(space_app, tiny_zoo)
     rows = {row[0]: row for row in table["data"]}
     if any(rows[t][-1] is None for t in (fp32, int8, sparse90)):
         assert "Measuring" in text, text  # cells stay empty only while the background export runs
-    handlers = next(f for f in space_app.fns.values() if f.api_name == "models").fn.__self__
-    handlers.deployment.wait("resnet18-shapes")
+    handlers_of(space_app).deployment.wait("resnet18-shapes")
     table, text = api.predict("resnet18-shapes", api_name="/models")
     rows = {row[0]: row for row in table["data"]}
     assert table["headers"][-len(HEADERS):] == HEADERS
