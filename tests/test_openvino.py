@@ -190,7 +190,8 @@ def test_models_tab_shows_deployed_figures_with_the_machine(space_app, tiny_zoo)
     rows = {row[0]: row for row in table["data"]}
     if any(rows[t][-1] is None for t in (fp32, int8, sparse90)):
         assert "Measuring" in text, text  # cells stay empty only while the background export runs
-    handlers_of(space_app).deployment.wait("resnet18-shapes")
+    handlers = handlers_of(space_app)
+    handlers.deployment.wait("resnet18-shapes")
     table, text = api.predict("resnet18-shapes", api_name="/models")
     rows = {row[0]: row for row in table["data"]}
     assert table["headers"][-len(HEADERS):] == HEADERS
