@@ -42,8 +42,8 @@ def runs(models, dataset_images):
         dataset_max = _layer4_means(model, dataset_images).amax(dim=0)
         # The two channels the dataset drives hardest, a middling one and the weakest live one, among
         # those alive on a grey image: the optimisation starts from a near-grey one, and a channel that
-        # is zero everywhere there gets no gradient at all (``zero_gradient_steps``). The FP32 trained
-        # as an AVX2-only CPU trains it (no bfloat16) has its hardest-driven channel dead on grey.
+        # is zero everywhere there gets no gradient at all (``zero_gradient_steps``). The FP32 an AVX2-only
+        # CPU trains (no bfloat16) has its hardest-driven channel dead on grey.
         grey = _layer4_means(model, torch.full((1, 3, 64, 64), 0.5))[0]
         order = dataset_max.argsort(descending=True)
         alive = order[(dataset_max[order] > 0) & (grey[order] > 0)]
