@@ -272,7 +272,8 @@ def compression_section(config: dict) -> str:
     comp = config.get("compression", {})
     if config["kind"] == "quantized":
         lines = ["## Compression: bit widths\n",
-                 f"{_widths(comp)[0].upper()}{_widths(comp)[1:]}; weights per-channel symmetric. "
+                 f"{_widths(comp)[0].upper()}{_widths(comp)[1:]}; weights per-channel symmetric"
+                 f"{'; activations per-tensor ' + comp['activation_quantizers'] if 'activation_quantizers' in comp else ''}. "
                  "Quantizer ranges were calibrated on training images, then trained with the weights.\n"]
         quantizers = comp.get("quantizers")
         if isinstance(quantizers, dict):

@@ -56,7 +56,8 @@ ACTIVATION_RANGES = {"mean_minmax": None, "histogram": RangeEstimatorParametersS
 
 def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int,
              weight_bits: int = 8, activation_bits: int = 8, activation_ranges: str = "mean_minmax",
-             keep_depthwise: bool = False, bias_correction: bool = True) -> nn.Module:
+             keep_depthwise: bool = False, bias_correction: bool = True,
+             asymmetric_activations: bool = False) -> nn.Module:
     """Post-training quantization: weights per-channel symmetric at ``weight_bits``, activations at
     ``activation_bits``; the first convolution and the classifier (weights and input) at 8 bits.
 
@@ -74,6 +75,8 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     :data:`ACTIVATION_RANGES`. ``keep_depthwise`` keeps depthwise convolutions (weights and
     inputs) at 8 bits too (variant suffix ``-dw8``). ``bias_correction`` runs NNCF's fast bias
     correction after calibrating (off: faster, e.g. where BatchNorm statistics are matched instead).
+    ``asymmetric_activations`` gives activation quantizers a zero point (NNCF's MIXED preset: weights
+    stay symmetric).
 
     Example:
         >>> int4 = quantize(fp32, batches, 512, weight_bits=4, activation_bits=4)
@@ -88,16 +91,17 @@ def quantize(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     estimator = ACTIVATION_RANGES[activation_ranges]
     ranges = {} if estimator is None else {"activations_range_estimator_params": estimator}
     ranges["disable_bias_correction"] = not bias_correction
+    preset = {"preset": nncf.QuantizationPreset.MIXED} if asymmetric_activations else {}
     batches = list(_take_images(batches, num_samples))
     logger.info("calibrating W%dA%d quantizers on %d images in %d batches", weight_bits, activation_bits,
                 sum(len(b) for b in batches), len(batches))
     model.eval()
     quantizer_backend(next(model.parameters()).device)
     if weight_bits == activation_bits == 8:
-        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), **preset,
                              advanced_parameters=nncf.AdvancedQuantizationParameters(**ranges))
     quantized = nncf.quantize(
-        model, nncf.Dataset(batches), subset_size=len(batches), target_device=nncf.TargetDevice.NPU,
+        model, nncf.Dataset(batches), subset_size=len(batches), target_device=nncf.TargetDevice.NPU, **preset,
         # NPU's tables would quantize the pooled features at the pooling's input; keep them at its output.
         ignored_scope=nncf.IgnoredScope(types=["adaptive_avg_pool2d"]),
         advanced_parameters=nncf.AdvancedQuantizationParameters(

@@ -64,6 +64,25 @@ def test_the_card_says_fp32_is_torchvisions_weights_as_they_are(mobilenet_imagen
     assert "71.878%" in card  # the published figure of these very weights, from the registry's card text
 
 
+def test_int8_activations_have_zero_points_as_the_config_and_the_card_say(mobilenet_imagenet_zoo):
+    from nncf.torch.quantization.layers import AsymmetricQuantizer, SymmetricQuantizer
+
+    from surgery import compression
+    from surgery.checkpoint import load_local
+
+    quantizers = compression.quantizer_ranges(load_local(mobilenet_imagenet_zoo / "int8").model)  # as reloaded
+    activations, weights = [q for q in quantizers if not q.weights], [q for q in quantizers if q.weights]
+    assert activations and all(isinstance(q.module, AsymmetricQuantizer) for q in activations)
+    assert weights and all(isinstance(q.module, SymmetricQuantizer) for q in weights)
+    # A zero point in use: ranges that are not centred on 0, the signed residual sums' among them.
+    assert any(float(q.low.min()) < 0 and abs(float(q.low.min() + q.high.max())) > 0.1 * float(q.high.max() - q.low.min())
+               for q in activations)
+    config = read_config(mobilenet_imagenet_zoo / "int8")
+    assert config["compression"]["activation_quantizers"] == "asymmetric"
+    assert "weights per-channel symmetric; activations per-tensor asymmetric" in str(
+        model_card(config, f"org/{FAMILY}-int8"))
+
+
 def test_the_study_says_there_is_no_null_and_claims_nothing(mobilenet_imagenet_zoo, imagenet_stand_in, tmp_path):
     assert study_main(["--zoo", str(mobilenet_imagenet_zoo), "--out", str(tmp_path),
                        "--data-root", str(imagenet_stand_in), "--images", "8", "--batch-size", "4", "--groups", "2",

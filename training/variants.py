@@ -146,7 +146,8 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      _image_batches(job.train_set, job.seed), calibration_samples,
                                      weight_bits=spec.weight_bits, activation_bits=spec.activation_bits,
                                      activation_ranges=activation_ranges, keep_depthwise=spec.keep_depthwise,
-                                     bias_correction=bias_correction)
+                                     bias_correction=bias_correction,
+                                     asymmetric_activations=recipe.asymmetric_activations)
     reconstruction = recipe.reconstruction_samples
     refit = {"reconstruction": _refit(quantized, fp32, job, recipe, reconstruct_quantized_layers)} if reconstruction else {}
     if batchnorm_correction:
@@ -163,6 +164,7 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
     comp = {"method": method, "weight_bits": spec.weight_bits,
             "activation_bits": spec.activation_bits, "first_last_bits": compression.FIRST_LAST_BITS,
             "calibration_samples": calibration_samples, "activation_ranges": activation_ranges,
+            "activation_quantizers": "asymmetric" if recipe.asymmetric_activations else "symmetric",
             "bias_correction": bias_correction, "batchnorm_correction_samples": batchnorm_correction,
             "depthwise_bits": compression.FIRST_LAST_BITS if spec.keep_depthwise else spec.weight_bits,
             "qat_steps": steps, **refit, **(_distillation_record(recipe) if steps else {})}
