@@ -271,9 +271,10 @@ def compression_section(config: dict) -> str:
     what the stored weights achieve; empty for FP32."""
     comp = config.get("compression", {})
     if config["kind"] == "quantized":
+        activations = comp.get("activation_quantizers")  # absent from checkpoints that predate the choice
+        schemes = "weights per-channel symmetric" + (f"; activations per-tensor {activations}" if activations else "")
         lines = ["## Compression: bit widths\n",
-                 f"{_widths(comp)[0].upper()}{_widths(comp)[1:]}; weights per-channel symmetric"
-                 f"{'; activations per-tensor ' + comp['activation_quantizers'] if 'activation_quantizers' in comp else ''}. "
+                 f"{_widths(comp)[0].upper()}{_widths(comp)[1:]}; {schemes}. "
                  "Quantizer ranges were calibrated on training images, then trained with the weights.\n"]
         quantizers = comp.get("quantizers")
         if isinstance(quantizers, dict):

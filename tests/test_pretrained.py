@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from nncf.torch.quantization.layers import AsymmetricQuantizer, SymmetricQuantizer
 
 from conftest import IMAGENET_STAND_IN_ARGS
 from hub_export.card import model_card
@@ -22,7 +23,8 @@ from space.session import Session
 from space.study_tab import load_study
 from space.zoo_source import BuildOptions, SourceConfig, resolve
 from study.__main__ import main as study_main
-from surgery.checkpoint import read_config
+from surgery import compression
+from surgery.checkpoint import load_local, read_config
 from surgery.registry import get_family
 from surgery.variants import parse_variant
 from training.cli import main as training_main
@@ -65,11 +67,6 @@ def test_the_card_says_fp32_is_torchvisions_weights_as_they_are(mobilenet_imagen
 
 
 def test_int8_activations_have_zero_points_as_the_config_and_the_card_say(mobilenet_imagenet_zoo):
-    from nncf.torch.quantization.layers import AsymmetricQuantizer, SymmetricQuantizer
-
-    from surgery import compression
-    from surgery.checkpoint import load_local
-
     quantizers = compression.quantizer_ranges(load_local(mobilenet_imagenet_zoo / "int8").model)  # as reloaded
     activations, weights = [q for q in quantizers if not q.weights], [q for q in quantizers if q.weights]
     assert activations and all(isinstance(q.module, AsymmetricQuantizer) for q in activations)
