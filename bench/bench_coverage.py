@@ -16,7 +16,9 @@ should cover about 95% (binomial standard error over R replications: sqrt(.95 .0
 :class:`surgery.similarity.synthetic.SpectrumPair` (512 channels with a power-law spectrum, 16
 positions per image correlated by ``--within-image``, ``--rows-per-direction`` rows per
 channel): the plug-in estimate, the jackknife bias-corrected one the study reports (SVCCA's kept
-dimensions fixed from all images) and its interval, and the shuffled-images baseline.
+dimensions fixed from all images) and its interval, and the shuffled-images baseline; for PWCCA
+both Morcos et al.'s (every direction, L1 weights) and the study's (SVCCA's subspaces, variance
+weights: ``study.collect.PWCCA_KEEP``, ``PWCCA_WEIGHTS``).
 
 Usage:
     python bench/bench_coverage.py [--replications 1000] [--images 320] [--batch 16] [--groups 20] [--boot 200]
@@ -35,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from surgery.similarity.cca import MomentAccumulator, cca_scores, moments  # noqa: E402
+from study.collect import PWCCA_KEEP, PWCCA_WEIGHTS  # noqa: E402
+from surgery.similarity.cca import CORRECTION_ERROR, MomentAccumulator, cca_scores, moments  # noqa: E402
 from surgery.similarity.cka import MinibatchCKA  # noqa: E402
 from surgery.similarity.stats import percentile_interval, resample_counts  # noqa: E402
 from surgery.similarity.synthetic import SpectrumPair, SyntheticPair  # noqa: E402
@@ -78,12 +81,16 @@ def report_regime(model: SpectrumPair, seed: int, images: int, batch: int, group
                    shifted.reshape(-1, model.channels))
     out = {}
     for shuffled in (False, True):
-        for m, jk in acc.jackknife(shuffled=shuffled).items():
-            truth = 0.0 if shuffled else model.svcca(jk.extra["kept"]) if m == "svcca" else model.pwcca()
+        jks = acc.jackknife(shuffled=shuffled)  # PWCCA as Morcos et al.
+        jks["pwcca (study)"] = acc.jackknife(("pwcca",), pwcca_keep=PWCCA_KEEP, pwcca_weights=PWCCA_WEIGHTS,
+                                             shuffled=shuffled)["pwcca"]
+        for m, jk in jks.items():
+            truth = 0.0 if shuffled else model.svcca(jk.extra["kept"]) if m == "svcca" else \
+                model.pwcca() if m == "pwcca" else model.pwcca(jk.extra["kept"], PWCCA_WEIGHTS)
             tag = f"{m}{' shuffled' if shuffled else ''}"
             low, high = jk.interval()
             out[f"{tag}, plug-in"] = (float(jk.value), float(low), float(high), truth)
-            corrected = jk.bias_corrected(acc.group_rows)
+            corrected = jk.bias_corrected(acc.group_rows, CORRECTION_ERROR[m.split()[0]])
             low, high = corrected.interval()
             out[f"{tag}, bias-corrected"] = (float(corrected.value), float(low), float(high), truth)
     return out

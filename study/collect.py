@@ -57,7 +57,9 @@ logger = logging.getLogger(__name__)
 
 MAP_METHODS = ("gradcam", "saliency")
 SVCCA_KEEP = 0.99  # Raghu et al.'s share of variance; the dimensions are fixed once, from all images
-PWCCA_KEEP = None  # every direction, as Morcos et al.
+# PWCCA on SVCCA's subspaces with variance weights, bias-corrected like SVCCA (surgery.similarity.cca's
+# module docstring): Morcos et al.'s L1 weights carry a bias the jackknife cannot remove.
+PWCCA_KEEP, PWCCA_WEIGHTS = SVCCA_KEEP, "variance"
 MATCH_DIRECTIONS = 32  # every block pair of the layer-matching check keeps this many directions
 EXEMPLAR_CANDIDATES = 4  # images stored per exemplar the gallery shows
 
@@ -228,7 +230,8 @@ class _Collector:
                                f"{r}.cka.images": np.array(self.cka[r].num_examples)})
                 for shuffled in (False, True):
                     jk = self.cca[r].jackknife(shape, CCA_METHODS, SVCCA_KEEP, pwcca_keep=PWCCA_KEEP,
-                                               shuffled=shuffled, min_rows_per_direction=ROWS_PER_DIRECTION_FLOOR)
+                                               pwcca_weights=PWCCA_WEIGHTS, shuffled=shuffled,
+                                               min_rows_per_direction=ROWS_PER_DIRECTION_FLOOR)
                     for m in CCA_METHODS:
                         key = f"{r}.{m}.shuffled" if shuffled else f"{r}.{m}"
                         arrays[f"{key}.value"] = np.diag(jk[m].value).copy()

@@ -9,9 +9,8 @@ images); verdicts from :mod:`study.null`:
   testing (:func:`study.null.fixed_sequence`), family-wise at the same rate;
 - the leave-one-seed-out check (:func:`study.null.null_check`) measures that rate on the zoo's
   own FP32 seeds;
-- SVCCA is jackknife bias-corrected; SVCCA and PWCCA are reported beside a shuffled-images
-  baseline, and only for blocks with at least
-  :data:`~surgery.similarity.cca.ROWS_PER_DIRECTION_FLOOR` effective rows per direction.
+- SVCCA and PWCCA are jackknife bias-corrected and reported beside a shuffled-images baseline,
+  and only for blocks with at least :data:`~surgery.similarity.cca.ROWS_PER_DIRECTION_FLOOR` effective rows per direction.
 
 Example:
     >>> metrics = gather([Shard.load(p) for p in find_shards([Path("shards")])])
@@ -189,9 +188,12 @@ def cca_overfitting(study: Study) -> dict:
                                    "kept dimensions fixed once from all images; interval: corrected value +- t(G-1) x "
                                    "sqrt(jackknife s.e.^2 + (|plug-in - corrected| / (sqrt(2) G))^2), the second "
                                    "term the correction's own error (sized by simulation, bench/bench_coverage.py)",
-                          "pwcca": "as computed (Morcos et al.), with the jackknife interval; its projection weights "
-                                   "carry a bias the correction does not remove, so its interval is not calibrated "
-                                   "against the population value: read it against the seeds' PWCCA only"},
+                          "pwcca": "on SVCCA's kept dimensions, each canonical correlation weighted by the variance "
+                                   "of the FP32 block its canonical variate accounts for (sum_j <h_i, x_j>^2; Morcos "
+                                   "et al.'s L1 weights sum_j |<h_i, x_j>| carry a bias the jackknife cannot remove), "
+                                   "bias-corrected as SVCCA; interval: corrected value +- t(G-1) x sqrt(jackknife "
+                                   "s.e.^2 + (2 |plug-in - corrected| / G)^2) (sized by simulation, "
+                                   "bench/bench_coverage.py)"},
             "floor_rows_per_direction": ROWS_PER_DIRECTION_FLOOR,
             "rows": "every spatial position of every image is a row; effective rows = rows / design effect "
                     "(1 + (positions - 1) x the share of variance between images)",

@@ -4,7 +4,7 @@ Every statistic is a :class:`surgery.similarity.Jackknife` over the same ``G`` g
 (batch ``k`` in group ``k % G``), so contrasts between variants on the same images get their
 own intervals. SVCCA and PWCCA come back only for blocks with at least
 :data:`surgery.similarity.cca.ROWS_PER_DIRECTION_FLOOR` effective rows per direction; SVCCA
-bias-corrected (:meth:`Jackknife.bias_corrected`), PWCCA as computed (see :data:`BIAS_CORRECTED`).
+and PWCCA bias-corrected (:meth:`Jackknife.bias_corrected`).
 
 Example:
     >>> study = Study([Shard.load(p) for p in find_shards([Path("shards")])])
@@ -21,17 +21,11 @@ from study.shard import Shard
 from study.zoo import REFERENCE
 from surgery.registry import get_family
 from surgery.similarity import Jackknife, MinibatchCKA, group_of, grouped_mean
-from surgery.similarity.cca import CCA_METHODS, ROWS_PER_DIRECTION_FLOOR
+from surgery.similarity.cca import CCA_METHODS, CORRECTION_ERROR, ROWS_PER_DIRECTION_FLOOR
 from surgery.variants import parse_variant, sort_variants
 
 MAP_METHODS = ("gradcam", "saliency")
 REPRESENTATIONS = ("cka",) + CCA_METHODS
-# SVCCA's overfitting bias falls as 1 / rows and the jackknife removes it; the corrected value's
-# interval allows for the correction's own error (Jackknife.bias_corrected; tests/test_cca_bias.py).
-# PWCCA's projection weights move with every near-tie of canonical correlations, a bias that does
-# not fall as 1 / rows: the correction overshoots it (bench/bench_coverage.py --regime report), so
-# PWCCA is reported as computed and judged only against the seeds' PWCCA on the same images.
-BIAS_CORRECTED = ("svcca",)
 
 
 class Study:
@@ -100,7 +94,7 @@ class Study:
     def comparison(self, name: str, ref: str, metric: str, shuffled: bool = False) -> Jackknife | None:
         """``metric`` of ``name`` against ``ref`` (a per-image score, or ``cka.<block>`` etc.).
 
-        SVCCA/PWCCA: None below the floor of effective rows per direction; SVCCA bias-corrected;
+        SVCCA/PWCCA: None below the floor of effective rows per direction; bias-corrected;
         ``shuffled``: the shuffled-images baseline instead.
         """
         a = self.shards[name].arrays
@@ -116,7 +110,11 @@ class Study:
                 return None
             key = f"{ref}.{method}.shuffled" if shuffled else f"{ref}.{method}"
             raw = Jackknife(a[f"{key}.value"][i], a[f"{key}.leave_out"][:, i], self.n)
-            return raw.bias_corrected(self.group_sizes[: raw.groups]) if method in BIAS_CORRECTED else raw
+            # SVCCA's and the study's PWCCA's overfitting bias (variance weights on SVCCA's subspaces,
+            # study.collect.PWCCA_WEIGHTS) falls as 1 / rows and the jackknife removes it; the interval allows
+            # for the correction's own error (tests/test_cca_bias.py). Morcos et al.'s L1 weights carry a
+            # bias that does not fall as 1 / rows (surgery.similarity.cca).
+            return raw.bias_corrected(self.group_sizes[: raw.groups], CORRECTION_ERROR[method])
         key = f"{ref}.{metric}"
         return grouped_mean(a[key], self.groups) if key in a else None
 

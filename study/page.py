@@ -191,8 +191,8 @@ def _representations_section(metrics: dict) -> list[str]:
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in cca["warnings"])
     parts = ["<h2>Representations per block</h2>",
              "<p>Debiased linear CKA (minibatch estimator, conv maps flattened), SVCCA (99% of the variance kept) "
-             "and PWCCA (every direction), each block against the same FP32 block; for CCA each spatial position "
-             f"of each image is a row. SVCCA: {html.escape(cca['estimator']['svcca'])}. PWCCA: "
+             "and PWCCA (on SVCCA's directions, variance weights), each block against the same FP32 block; for CCA "
+             f"each spatial position of each image is a row. SVCCA: {html.escape(cca['estimator']['svcca'])}. PWCCA: "
              f"{html.escape(cca['estimator']['pwcca'])}. Beside each value: the plug-in value, and the same "
              "estimator on shuffled images (each image paired with another image: what overfitting alone gives; "
              "its population value is 0). Blocks with fewer than "

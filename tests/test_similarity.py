@@ -14,6 +14,7 @@ from surgery.similarity import (MinibatchCKA, canonical_correlations, cka, layer
                                 mean_ci, prediction_agreement, pwcca, svcca, topk_iou, topk_overlap)
 from surgery.similarity.cca import MomentAccumulator, cca_scores, moments
 from surgery.similarity.stats import Estimate, bootstrap, grouped_mean, jackknife, jackknife_interval
+from surgery.similarity.synthetic import SyntheticPair
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -153,6 +154,24 @@ def test_svcca_and_pwcca_sanity():
     assert pwcca(x, noise) < 0.1
     rho = canonical_correlations(x, related)
     assert rho.shape == (15,) and torch.all(rho[:-1] >= rho[1:])
+
+
+def test_pwcca_variance_weights_are_the_variance_of_x_along_each_canonical_variate():
+    # Diagonal covariances: canonical variate i is x_i / s_i, along which x has variance s_i^2.
+    model = SyntheticPair()
+    x, y = (t.reshape(-1, 4) for t in model.sample(5000, seed=0))
+    m = moments(x, y)
+    scores = {w: cca_scores(m, ("pwcca",), pwcca_weights=w)["pwcca"] for w in ("l1", "variance")}
+    s = np.array(model.scales)
+    assert scores["l1"] == pytest.approx(pwcca(x, y), abs=1e-12)  # Morcos et al.'s, the default
+    assert scores["l1"] == pytest.approx(model.pwcca, abs=0.01)
+    assert scores["variance"] == pytest.approx((s ** 2 * model.rho).sum() / (s ** 2).sum(), abs=0.01)
+    # Unlike the L1 weights, the variance of x along a direction does not move under an orthogonal map of x.
+    rotated = x @ torch.linalg.qr(torch.randn(4, 4, generator=_gen(7), dtype=torch.float64))[0]
+    assert cca_scores(moments(rotated, y), ("pwcca",), pwcca_weights="variance")["pwcca"] == \
+        pytest.approx(scores["variance"], abs=1e-9)
+    with pytest.raises(ValueError, match="unknown PWCCA weights"):
+        cca_scores(m, ("pwcca",), pwcca_weights="l2")
 
 
 def test_svcca_keep_truncates_to_the_top_directions():

@@ -36,8 +36,16 @@ PWCCA's bias is of another kind: over every direction (as Morcos et al.) the pro
 ``sum_j |<h_i, x_j>|`` of canonical variates whose correlations are nearly tied are mixed in the
 sample, and the L1 norm of a mixture is larger, so the many weak directions weigh more and the
 plug-in falls *below* the population value (-0.034 at 8 rows per direction in the bench). That
-bias does not fall as 1 / rows, and the jackknife correction moves the estimate further away;
-the study reports PWCCA as computed and compares it only with the seeds' PWCCA on the same images.
+bias does not fall as 1 / rows (on SVCCA's subspaces too: -0.010 with 4,096 independent rows for
+512 channels; near 0 with the rows correlated 0.3 within an image only because the overfitting
+there cancels it), and the jackknife correction moves the estimate further away. The squared
+projections ``alpha_i = sum_j <h_i, x_j>^2``, the variance of ``x`` the canonical variate
+accounts for (``pwcca_weights="variance"``), are linear in the squared mixing coefficients, so
+mixing near-tied variates leaves their total unchanged: what is left is the overfitting of the
+correlations, which falls as 1 / rows and which the jackknife removes, as for SVCCA. The study
+reports that PWCCA, on SVCCA's subspaces, bias-corrected, with an allowance for the correction's
+own error (:data:`CORRECTION_ERROR`; ``tests/test_cca_bias.py``); :func:`pwcca` keeps Morcos et
+al.'s definition.
 
 Example:
     >>> x = torch.randn(2000, 20)
@@ -61,6 +69,12 @@ from surgery.similarity.stats import Jackknife
 logger = logging.getLogger(__name__)
 
 CCA_METHODS = ("svcca", "pwcca")
+PWCCA_WEIGHTS = ("l1", "variance")  # Morcos et al.'s sum_j |<h_i, x_j>|; the variance sum_j <h_i, x_j>^2
+# The bias correction's own error as a multiple of |plug-in - corrected| / groups (Jackknife.bias_corrected's
+# ``error``), sized by simulation for SVCCA and for PWCCA with variance weights on SVCCA's subspaces: the
+# corrected PWCCA's s.d. exceeded the jackknife's standard error by 1.9 such steps in quadrature, with and
+# without within-image correlation (bench/bench_coverage.py --regime report).
+CORRECTION_ERROR = {"svcca": 2 ** -0.5, "pwcca": 2.0}
 ROWS_PER_DIRECTION_FLOOR = 8  # effective rows; below it the study reports no CCA value (see the module docstring)
 Keep = float | int | tuple[int, int] | None
 
@@ -179,12 +193,13 @@ class MomentAccumulator:
         return np.array([float(s[0]) for s in self._sums]) if self._sums else np.zeros(self.groups)
 
     def jackknife(self, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 0.99, *, pwcca_keep: Keep = None,
-                  shuffled: bool = False) -> dict[str, Jackknife]:
+                  pwcca_weights: str = "l1", shuffled: bool = False) -> dict[str, Jackknife]:
         """Each method's score on all rows and without each group (NaN where a group is empty).
 
         The kept dimensions of ``keep`` (SVCCA) and ``pwcca_keep`` (PWCCA; None: every direction)
         are chosen once, from all rows, and every replicate uses the same counts; they are in each
-        result's ``extra["kept"]``. ``shuffled``: the scores of the shuffled-images pairing.
+        result's ``extra["kept"]``. ``pwcca_weights``: see :func:`cca_scores`. ``shuffled``: the
+        scores of the shuffled-images pairing.
         """
         full = self.moments()
         # One eigendecomposition per side serves the kept counts and the full-data scores (the
@@ -192,12 +207,12 @@ class MomentAccumulator:
         sides = None if isinstance(keep, tuple) and isinstance(pwcca_keep, tuple) else spectra(full)
         kept = {"svcca": kept_dims(full, keep, sides), "pwcca": kept_dims(full, pwcca_keep, sides)}
         full = self.moments(shuffled=shuffled) if shuffled else full
-        values = _scores_or_nan(full, methods, kept, sides)
+        values = _scores_or_nan(full, methods, kept, pwcca_weights, sides)
         leave_out = {m: [] for m in methods}
         for g in range(self.groups):
             empty = float(self._sums[g][0]) == 0
             scores = {m: math.nan for m in methods} if empty or self.groups == 1 else \
-                _scores_or_nan(self.moments(g, shuffled), methods, kept)
+                _scores_or_nan(self.moments(g, shuffled), methods, kept, pwcca_weights)
             for m in methods:
                 leave_out[m].append(scores[m])
         return {m: Jackknife(values[m], np.array(leave_out[m]), self.images,
@@ -212,10 +227,11 @@ def kept_dims(m: Moments, keep: Keep, sides: tuple[Spectrum, Spectrum] | None = 
     return tuple(_whitener(s, keep).shape[1] for s in sides or spectra(m))
 
 
-def _scores_or_nan(m: Moments, methods: tuple[str, ...], kept: dict[str, tuple[int, int]],
+def _scores_or_nan(m: Moments, methods: tuple[str, ...], kept: dict[str, tuple[int, int]], pwcca_weights: str,
                    sides: tuple[Spectrum, Spectrum] | None = None) -> dict[str, float]:
     try:
-        return cca_scores(m, methods, kept["svcca"], pwcca_keep=kept["pwcca"], sides=sides)
+        return cca_scores(m, methods, kept["svcca"], pwcca_keep=kept["pwcca"], pwcca_weights=pwcca_weights,
+                          sides=sides)
     except (ValueError, torch.linalg.LinAlgError):  # the rest has no variance, or no SVD converges
         return {method: math.nan for method in methods}
 
@@ -288,17 +304,22 @@ def _cca(m: Moments, wx: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def cca_scores(m: Moments, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 0.99, *,
-               pwcca_keep: Keep = None, sides: tuple[Spectrum, Spectrum] | None = None) -> dict[str, float]:
+               pwcca_keep: Keep = None, pwcca_weights: str = "l1",
+               sides: tuple[Spectrum, Spectrum] | None = None) -> dict[str, float]:
     """SVCCA (``keep`` as in :func:`svcca`) and/or PWCCA (on the subspaces ``pwcca_keep`` keeps;
     None: every direction, as Morcos et al.) from precomputed moments. A ``(k_x, k_y)`` tuple
     keeps that many directions on each side. ``sides``: the moments' :func:`spectra`, when the
-    caller has them.
+    caller has them. ``pwcca_weights``: ``"l1"``, Morcos et al.'s ``alpha_i = sum_j |<h_i, x_j>|``,
+    or ``"variance"``, ``alpha_i = sum_j <h_i, x_j>^2`` (the variance of ``x`` along ``h_i``,
+    whose total does not move where near-tied variates mix: see the module docstring).
 
     Both share one eigendecomposition per side, the costly step of every jackknife replicate.
     """
     unknown = [method for method in methods if method not in CCA_METHODS]
     if unknown:
         raise ValueError(f"unknown CCA method {unknown[0]!r}; choose from {CCA_METHODS}")
+    if pwcca_weights not in PWCCA_WEIGHTS:
+        raise ValueError(f"unknown PWCCA weights {pwcca_weights!r}; choose from {PWCCA_WEIGHTS}")
     sx, sy = sides or spectra(m)
 
     def whiteners(k: Keep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +332,8 @@ def cca_scores(m: Moments, methods: tuple[str, ...] = CCA_METHODS, keep: Keep = 
     if "pwcca" in methods:
         rho, a = _cca(m, *whiteners(pwcca_keep))
         # <h_i, x_j> = a_i^T x^T x_j: the weights need only the moments too.
-        alpha = (a.T @ m.xx).abs().sum(1)
+        projections = a.T @ m.xx
+        alpha = projections.abs().sum(1) if pwcca_weights == "l1" else projections.square().sum(1)
         scores["pwcca"] = float((alpha * rho).sum() / alpha.sum())
     return scores
 

@@ -364,8 +364,10 @@ class CCAStream:
         self.batches += 1
 
     def jackknife(self, shape: tuple[int, int], methods: tuple[str, ...], keep: Keep, *, pwcca_keep: Keep = None,
-                  shuffled: bool = False, min_rows_per_direction: float = 0) -> dict[str, Jackknife]:
-        """``{method: Jackknife of the [I, J] matrix}``, NaN at pairs not computed.
+                  pwcca_weights: str = "l1", shuffled: bool = False,
+                  min_rows_per_direction: float = 0) -> dict[str, Jackknife]:
+        """``{method: Jackknife of the [I, J] matrix}``, NaN at pairs not computed (``keep``,
+        ``pwcca_keep``, ``pwcca_weights``: see :meth:`MomentAccumulator.jackknife`).
 
         Pairs with fewer than ``min_rows_per_direction`` effective rows per direction are not fitted
         (NaN, kept dimensions ``(0, 0)``). Each result's ``extra`` holds, per pair, the kept
@@ -389,7 +391,8 @@ class CCAStream:
             images = acc.images
             if acc.rows / design < min_rows_per_direction * min(acc.dims):
                 continue
-            for m, jk in acc.jackknife(methods, keep, pwcca_keep=pwcca_keep, shuffled=shuffled).items():
+            for m, jk in acc.jackknife(methods, keep, pwcca_keep=pwcca_keep, pwcca_weights=pwcca_weights,
+                                       shuffled=shuffled).items():
                 value[m][i, j], leave_out[m][:, i, j] = jk.value, jk.leave_out[:groups]
                 extra[m]["kept"][i, j] = jk.extra["kept"]
         return {m: Jackknife(value[m], leave_out[m], images, extra=extra[m]) for m in methods}

@@ -230,7 +230,7 @@ class Jackknife:
         """:func:`jackknife_standard_error` of the replicates, with this jackknife's allowance."""
         return jackknife_standard_error(self.leave_out, self.allowance)
 
-    def bias_corrected(self, sizes: np.ndarray | None = None) -> "Jackknife":
+    def bias_corrected(self, sizes: np.ndarray | None = None, error: float = 2 ** -0.5) -> "Jackknife":
         """Quenouille's jackknife bias correction, for statistics whose bias falls as 1 / images, with
         an interval that allows for the correction's own error.
 
@@ -240,7 +240,7 @@ class Jackknife:
         and Computing): with equal groups it is ``G theta_hat - (G - 1) mean_g theta_(g)`` (Efron &
         Tibshirani 1993, *An Introduction to the Bootstrap*, sec. 10.5). A bias ``b / n`` cancels
         exactly. The replicates are shifted by the same amount, so the jackknife's standard error
-        is kept, and ``allowance = |theta_hat - theta_J| / (sqrt(2) G)`` is added to it in quadrature.
+        is kept, and ``allowance = error |theta_hat - theta_J| / G`` is added to it in quadrature.
 
         Why the allowance: the jackknife's standard error is that of ``theta_hat``; ``theta_J``
         also carries the error of the estimated bias, which Efron & Tibshirani warn can make a
@@ -253,8 +253,10 @@ class Jackknife:
         jackknife's standard error, the excess growing with the size of the correction, and the
         double (jackknife-after-jackknife) standard error overshot it 2x. The allowance, an error
         of about one leave-out step ``|b_hat| / G`` shared in quadrature, is sized from those
-        measurements, not derived; with it the 95% interval covered 0.90-0.99 there
-        (``tests/test_cca_bias.py``). It vanishes where there is nothing to correct. Apply once.
+        measurements, not derived; with ``error = 1 / sqrt(2)`` (the default) the 95% interval
+        covered 0.90-0.99 there (``tests/test_cca_bias.py``). The study's PWCCA needs another
+        ``error`` (:data:`surgery.similarity.cca.CORRECTION_ERROR`). It vanishes where there is
+        nothing to correct. Apply once.
 
         Example:
             >>> jk = cca.jackknife()["svcca"]            # canonical correlations overfit: biased up
@@ -270,7 +272,7 @@ class Jackknife:
         with np.errstate(invalid="ignore", divide="ignore"):
             weights = np.where(defined, 1 - m / m.sum(0), 0.0)
             corrected = g * self.value - (weights * np.where(defined, self.leave_out, 0.0)).sum(0)
-            allowance = np.abs(corrected - self.value) / (math.sqrt(2) * g)
+            allowance = error * np.abs(corrected - self.value) / g
         corrected = np.where(g >= 2, corrected, np.nan)
         return Jackknife(corrected, self.leave_out + (corrected - self.value), self.n, self.unit, dict(self.extra),
                          np.where(g >= 2, allowance, np.nan))

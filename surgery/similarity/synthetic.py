@@ -97,7 +97,9 @@ class SpectrumPair:
 
     - canonical correlations ``rho_i = a_i / sqrt(a_i^2 + r^2)`` (falling with ``i``);
     - SVCCA keeping ``k_x``, ``k_y`` directions = ``mean(rho[:min(k_x, k_y)])`` (:meth:`svcca`);
-    - PWCCA of the first ``k`` directions = ``sum s_i rho_i / sum s_i`` over them (:meth:`pwcca`).
+    - PWCCA of the first ``k`` directions = ``sum s_i rho_i / sum s_i`` over them (:meth:`pwcca`;
+      ``Cov(u_i, x_j) = s_i [i = j]`` as in :class:`SyntheticPair`), and with variance weights
+      ``sum_j <h_i, x_j>^2 = s_i^2`` (``weights="variance"``) ``sum s_i^2 rho_i / sum s_i^2``.
 
     Example:
         >>> model = SpectrumPair()                # 512 channels, 16 positions per image
@@ -124,9 +126,10 @@ class SpectrumPair:
     def svcca(self, kept: tuple[int, int]) -> float:
         return float(self.rho[: min(kept)].mean())
 
-    def pwcca(self, kept: tuple[int, int] | None = None) -> float:
+    def pwcca(self, kept: tuple[int, int] | None = None, weights: str = "l1") -> float:
+        """``weights``: ``"l1"`` (Morcos et al.) or ``"variance"``, as in :func:`surgery.similarity.cca.cca_scores`."""
         k = self.channels if kept is None else min(kept)
-        s = self.scales[:k]
+        s = self.scales[:k] ** (1 if weights == "l1" else 2)
         return float((s * self.rho[:k]).sum() / s.sum())
 
     def sample(self, images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
