@@ -31,10 +31,13 @@ from space.trainer import Bar, running_bars
 TITLE = "Compressed CNN surgery: preparing the models"
 LOG_LINES = 6
 LOGGERS = {"space", "training", "surgery", "nncf"}  # the start-up's own story, not the web server's
-# Polls the address: once it serves another app (the real page), show that one.
+# Polls the address every second: once it serves another app (the real page), show that one. A plain
+# browser interval, not a gr.Timer event: the page's own status events reach the real app once it
+# has taken the port, fail there, and the timer's events may stop with them (CI saw a page that
+# never reloaded).
 RELOAD_WHEN_READY = f"""() => {{
-  fetch("config", {{cache: "no-store"}}).then(r => r.json())
-    .then(c => {{ if (c.title && c.title !== {TITLE!r}) window.location.reload(); }}).catch(() => {{}});
+  setInterval(() => fetch("config", {{cache: "no-store"}}).then(r => r.json())
+    .then(c => {{ if (c.title && c.title !== {TITLE!r}) window.location.reload(); }}).catch(() => {{}}), 1000);
 }}"""
 
 
@@ -110,5 +113,5 @@ def preparing_page(log: StartupLog) -> gr.Blocks:
         status = gr.HTML(status_html(log))
         timer = gr.Timer(1.0)
         timer.tick(lambda: status_html(log), None, status, api_name="status", show_progress="hidden")
-        timer.tick(None, js=RELOAD_WHEN_READY, api_visibility="private")
+        page.load(None, js=RELOAD_WHEN_READY, api_visibility="private")
     return page
