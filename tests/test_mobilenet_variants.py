@@ -150,7 +150,7 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
     """The ImageNet family's recipe: small layers dense, the rest pruned at once to reach the target
     over all weights, each layer refitted to FP32's outputs; closer to FP32 than the same masks
     without the refit (the masks alone: magnitude pruning as NNCF sets it, baked)."""
-    recipe = Recipe(epochs=0, lr=0.0, batch_size=16, reconstruction_samples=128)
+    recipe = Recipe(epochs=0, lr=0.0, batch_size=16, reconstruction_samples=128, reconstruction_damping=1.0)
     small = 100  # spares the first block's two layers (72 and 64 weights) of this small network
     spec = parse_variant("sparse50")
     _, metrics = derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / "refit", reference, per_layer=True,
@@ -165,6 +165,7 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
     config = load_local(tmp_path / "refit").config["compression"]
     assert "layer-wise reconstruction" in config["method"] and config["finetune_steps"] == 0
     assert "distillation" not in config and config["reconstruction"]["samples"] == 128
+    assert config["reconstruction"]["damping"] == 1.0
     assert 0 < config["reconstruction"]["layers_refitted"] < len(convs), "the deep, small maps are left as pruned"
 
     one_shot = copy.deepcopy(fp32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -21,17 +22,18 @@ def _pruned(layer: nn.Module, fraction: float) -> nn.Module:
     return pruned
 
 
-def test_each_row_is_the_damped_least_squares_fit_on_its_support():
+@pytest.mark.parametrize("damping", [DAMPING, 1.0])
+def test_each_row_is_the_damped_least_squares_fit_on_its_support(damping):
     torch.manual_seed(0)
     fp32 = nn.Sequential(nn.Linear(12, 5))
     x = torch.randn(400, 12) @ torch.randn(12, 12)  # correlated inputs: the refit must use them
     student = nn.Sequential(_pruned(fp32[0], 0.5))
     kept = student[0].weight != 0
-    reconstruct_pruned_layers(student, fp32, x)
+    reconstruct_pruned_layers(student, fp32, x, damping=damping)
     h, target = (x.T @ x).double(), (x @ fp32[0].weight.T).double()
     for row in range(5):
         s = kept[row]
-        lam = DAMPING * h.diagonal().mean()
+        lam = damping * h.diagonal().mean()
         a = h[s][:, s] + lam * torch.eye(int(s.sum()), dtype=h.dtype)
         b = x[:, s].double().T @ target[:, row] + lam * fp32[0].weight[row, s].double()
         expected = torch.linalg.solve(a, b)
@@ -41,6 +43,21 @@ def test_each_row_is_the_damped_least_squares_fit_on_its_support():
         before = (x @ _pruned(fp32[0], 0.5).weight.T - x @ fp32[0].weight.T).norm()
         after = (x @ student[0].weight.T - x @ fp32[0].weight.T).norm()
     assert after < 0.9 * before, (float(after), float(before))
+
+
+def test_a_larger_damping_keeps_the_kept_weights_nearer_fp32s():
+    """The damping is a ridge towards FP32's weights: the larger, the less the refit moves them
+    (what keeps it from learning calibration images unlike the training data)."""
+    torch.manual_seed(0)
+    fp32 = nn.Sequential(nn.Linear(12, 5))
+    x = torch.randn(400, 12) @ torch.randn(12, 12)
+    masked = _pruned(fp32[0], 0.5).weight
+    moved = []
+    for damping in (0.01, 1.0, 100.0):
+        student = nn.Sequential(_pruned(fp32[0], 0.5))
+        reconstruct_pruned_layers(student, fp32, x, damping=damping)
+        moved.append(float((student[0].weight - masked).norm() / masked.norm()))
+    assert moved[0] > moved[1] > moved[2] and moved[2] < 0.05, moved
 
 
 def test_a_network_that_lost_nothing_keeps_its_weights_and_convolutions_refit_through_depth():

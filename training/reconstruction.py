@@ -13,11 +13,15 @@ and ``x_t`` in FP32 on the same images:
     w_S = argmin ||x_s[:, S] w_S - x_t w_fp32||^2 + lam ||w_S - w_fp32,S||^2,
     i.e.   (H_SS + lam I) w_S = (x_s^T x_t w_fp32 + lam w_fp32)_S
 
-with ``H = x_s^T x_s``. A quantized layer keeps every input (``S`` is all of them), and its
-refitted rows are then rounded one input column at a time, each column's error spread over the
-columns not yet rounded (GPTQ, Frantar et al. 2023). Layers are refitted in forward order, each on
-inputs that already carry the refitted layers upstream (the compressed network's own inputs, not
-FP32's), so the errors do not add up through the depth. Masks and quantizer scales do not change.
+with ``H = x_s^T x_s`` and ``lam = damping * mean(diag(H))``. SparseGPT's 0.01 only keeps the
+solve stable; a larger damping (a recipe's ``reconstruction_damping``) is a ridge towards FP32's
+weights, for calibration images unlike the training data, whose every direction the fit would
+otherwise learn (ImageNet's MobileNetV2 refitted on package photos: the README). A quantized
+layer keeps every input (``S`` is all of them), and its refitted rows are then rounded one input
+column at a time, each column's error spread over the columns not yet rounded (GPTQ, Frantar et
+al. 2023). Layers are refitted in forward order, each on inputs that already carry the refitted
+layers upstream (the compressed network's own inputs, not FP32's), so the errors do not add up
+through the depth. Masks and quantizer scales do not change.
 
 Example:
     >>> reconstruct_pruned_layers(sparse_model, fp32_model, photo_crops)   # [N, 3, H, W], N ~ 256

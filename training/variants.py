@@ -228,7 +228,7 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
 
 
 def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe,
-           reconstruct: Callable[[nn.Module, nn.Module, torch.Tensor], dict[str, float]],
+           reconstruct: Callable[..., dict[str, float]],
            spared: set[str] = frozenset()) -> dict:
     """Refit ``model``'s layers to FP32 with ``reconstruct`` on the recipe's ``reconstruction_samples``
     training images (at its image size); what the checkpoint records of it (the error over the
@@ -237,9 +237,10 @@ def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe,
     images = _correction_images(job, samples, salt=2)
     if recipe.image_size:
         images = nn.functional.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
-    errors = reconstruct(model, fp32, images)
+    errors = reconstruct(model, fp32, images, damping=recipe.reconstruction_damping)
     pruned = [e for name, e in errors.items() if name not in spared]  # the layers the refit makes up for
     return {"samples": samples, "image_size": recipe.image_size or job.family.input_size,
+            "damping": recipe.reconstruction_damping,
             "layers_refitted": len(errors),
             "median_relative_output_error": float(torch.tensor(pruned or [math.nan]).median())}
 
