@@ -161,6 +161,7 @@ def test_leave_one_seed_out_check_runs_and_is_recorded(runs):
     assert check["flagged"] == sum(len(r["worse"]) for r in check["held_out"].values())
     assert check["rate"] == pytest.approx(check["flagged"] / check["cells"], abs=1e-6)
     t = scipy_stats.t.ppf(0.95, 2)
+    compared = 0
     for held, row in check["held_out"].items():
         assert set(row["worse"]) <= set(singles + comparisons)
         for metric in singles:  # a held-out seed is flagged exactly when it lies beyond the other three's bound
@@ -172,6 +173,8 @@ def test_leave_one_seed_out_check_runs_and_is_recorded(runs):
             beyond = (value < np.mean(others) - half) if entry["higher_is_better"] else (value > np.mean(others) + half)
             if abs(abs(value - np.mean(others)) - half) > 1e-5:  # not on the bound, up to the rounding in the file
                 assert (metric in row["worse"]) == beyond, (held, metric)
+                compared += 1
+    assert compared >= 0.9 * 4 * len(singles) > 0, compared  # every held-out seed, on (nearly) every single metric
     page = (runs[1] / "report.html").read_text()
     assert f"{check['flagged']} of {check['cells']} (held-out seed, metric) cells" in page
 
