@@ -48,9 +48,9 @@ from surgery.attribution import explain
 from surgery.attribution.activations import LayerCapture
 from surgery.loading import load_variant
 from surgery.scoring import deletion_insertion, energy_in_mask, pointing_game
-from surgery.similarity import (CCAStream, MinibatchCKA, map_spearman, prediction_agreement, reduce_activation,
+from surgery.similarity import (CCAStream, MinibatchCKA, cca, map_spearman, prediction_agreement, reduce_activation,
                                 topk_iou, topk_overlap)
-from surgery.similarity.cca import CCA_METHODS, ROWS_PER_DIRECTION_FLOOR
+from surgery.similarity.cca import CCA_METHODS
 from surgery.variants import parse_variant
 
 logger = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class _Collector:
                 for shuffled in (False, True):
                     jk = self.cca[r].jackknife(shape, CCA_METHODS, SVCCA_KEEP, pwcca_keep=PWCCA_KEEP,
                                                pwcca_weights=PWCCA_WEIGHTS, shuffled=shuffled,
-                                               min_rows_per_direction=ROWS_PER_DIRECTION_FLOOR)
+                                               min_rows_per_direction=cca.ROWS_PER_DIRECTION_FLOOR)
                     for m in CCA_METHODS:
                         key = f"{r}.{m}.shuffled" if shuffled else f"{r}.{m}"
                         arrays[f"{key}.value"] = np.diag(jk[m].value).copy()

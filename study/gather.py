@@ -27,8 +27,8 @@ from study.measurements import MAP_METHODS, REPRESENTATIONS, Study
 from study.null import comparison_null, describe, fixed_sequence, null_check, single_null, verdict
 from study.shard import Shard
 from study.zoo import REFERENCE
-from surgery.similarity import Jackknife
-from surgery.similarity.cca import CCA_METHODS, ROWS_PER_DIRECTION_FLOOR, overfitting
+from surgery.similarity import Jackknife, cca
+from surgery.similarity.cca import CCA_METHODS, overfitting
 from surgery.variants import parse_variant, sort_variants
 
 # name -> (title, higher is better)
@@ -182,7 +182,7 @@ def cca_overfitting(study: Study) -> dict:
             effective = rows / design
             blocks[block] = {"rows": int(rows), "directions": int(directions), "design_effect": round(float(design), 3),
                              "effective_rows_per_direction": round(float(effective / directions), 3),
-                             "reported": bool(effective >= ROWS_PER_DIRECTION_FLOOR * directions),
+                             "reported": bool(effective >= cca.ROWS_PER_DIRECTION_FLOOR * directions),
                              "warning": overfitting(int(rows), int(directions), float(design))}
     return {"estimator": {"svcca": "delete-a-group jackknife bias-corrected (Quenouille; Busing et al. 1999), the "
                                    "kept dimensions fixed once from all images; interval: corrected value +- t(G-1) x "
@@ -194,7 +194,7 @@ def cca_overfitting(study: Study) -> dict:
                                    "bias-corrected as SVCCA; interval: corrected value +- t(G-1) x sqrt(jackknife "
                                    "s.e.^2 + (2 |plug-in - corrected| / G)^2) (sized by simulation, "
                                    "bench/bench_coverage.py)"},
-            "floor_rows_per_direction": ROWS_PER_DIRECTION_FLOOR,
+            "floor_rows_per_direction": cca.ROWS_PER_DIRECTION_FLOOR,
             "rows": "every spatial position of every image is a row; effective rows = rows / design effect "
                     "(1 + (positions - 1) x the share of variance between images)",
             "baseline": "shuffled images: each image's rows paired with the previous image's rows of the other model",

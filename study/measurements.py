@@ -20,8 +20,8 @@ import numpy as np
 from study.shard import Shard
 from study.zoo import REFERENCE
 from surgery.registry import get_family
-from surgery.similarity import Jackknife, MinibatchCKA, group_of, grouped_mean
-from surgery.similarity.cca import CCA_METHODS, CORRECTION_ERROR, ROWS_PER_DIRECTION_FLOOR
+from surgery.similarity import Jackknife, MinibatchCKA, cca, group_of, grouped_mean
+from surgery.similarity.cca import CCA_METHODS, CORRECTION_ERROR
 from surgery.variants import parse_variant, sort_variants
 
 MAP_METHODS = ("gradcam", "saliency")
@@ -139,7 +139,7 @@ class Study:
         if found is None:
             return False
         rows, directions, design = (v[block] for v in found)
-        return rows / design >= ROWS_PER_DIRECTION_FLOOR * directions
+        return rows / design >= cca.ROWS_PER_DIRECTION_FLOOR * directions
 
     def kept(self, name: str, ref: str, method: str, block: str) -> list[int] | None:
         """Directions each side kept (fixed from all images) for ``method`` at ``block``."""

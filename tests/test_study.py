@@ -22,9 +22,7 @@ from study.__main__ import main
 from study.null import fixed_sequence
 from study.shard import Shard
 from surgery.loading import load_variant
-from surgery.similarity import MinibatchCKA
-from study import collect, gather, measurements
-from surgery.similarity import cca
+from surgery.similarity import MinibatchCKA, cca
 from training.cli import main as training_main
 
 pytestmark = pytest.mark.e2e  # the study CLI end to end: one process, then in shards gathered
@@ -60,8 +58,7 @@ def runs(four_seed_zoo, tmp_path_factory) -> tuple[Path, Path, Path]:
     out = tmp_path_factory.mktemp("study")
     shards = out / "shards"
     with pytest.MonkeyPatch.context() as patch:
-        for module in (cca, collect, gather, measurements):  # each holds its own binding of the floor
-            patch.setattr(module, "ROWS_PER_DIRECTION_FLOOR", FLOOR)
+        patch.setattr(cca, "ROWS_PER_DIRECTION_FLOOR", FLOOR)  # the study reads it from there
         assert main(["--zoo", str(four_seed_zoo), "--out", str(out / "one"), *TINY]) == 0
         assert main(["collect", "--zoo", str(four_seed_zoo), *(f"--variant={s}" for s in SEEDS),
                      "--shards", str(shards), *TINY]) == 0

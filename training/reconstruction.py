@@ -41,10 +41,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from surgery import compression
+from surgery.registry import Recipe
 
 logger = logging.getLogger(__name__)
 
-DAMPING = 0.01  # of the mean diagonal of H, as SparseGPT's default
+DAMPING = Recipe.reconstruction_damping  # of the mean diagonal of H: SparseGPT's 0.01, the recipes' default
 # A layer is refitted only where the images give at least this many rows (output positions) per
 # input weight: with fewer, the fit reproduces the calibration images and moves away from FP32
 # elsewhere (a tiny MobileNetV2's classifier on 64 images came out further from FP32 than unrefitted).
