@@ -358,8 +358,13 @@ def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, targ
 
 
 def bake_sparsity(model: nn.Module) -> nn.Module:
-    """Multiply the masks into the weights and remove the hooks: zeros become real zeros."""
-    return nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.IN_PLACE)
+    """Multiply the masks into the weights and remove the hooks: zeros become real zeros. The model
+    stays as trainable as it was (NNCF's strip freezes the weights it bakes)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    nncf.strip(model, do_copy=False, strip_format=nncf.StripFormat.IN_PLACE)
+    for p in trainable:
+        p.requires_grad_(True)
+    return model
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from surgery.variants import DEPTHWISE_SUFFIX, parse_variant
 from training import distributed
 from training.cli import zoo_variants
 from training.loop import seed_everything
+from training.masks import zeros_held
 from training.variants import Job, derive_quantized, derive_sparse
 
 SIZE = 32
@@ -180,6 +181,39 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
             (("fp32", fp32), ("refit", load_local(tmp_path / "refit").model), ("masks only", one_shot))}
     gap = {name: float((maps[name] - maps["fp32"]).norm() / maps["fp32"].norm()) for name in ("refit", "masks only")}
     assert gap["refit"] < 0.9 * gap["masks only"], gap  # 0.80 measured (AMD EPYC, AVX-512 bf16)
+
+
+def test_fine_tuning_after_the_refit_keeps_the_refits_masks(job, fp32, reference, tmp_path):
+    """Distillation after the refit trains the kept weights and leaves every pruned one at exactly 0,
+    with AdamW's decoupled weight decay on (which a masked gradient alone would not stop for a
+    nonzero weight)."""
+    refit = Recipe(epochs=0, lr=0.0, batch_size=16, reconstruction_samples=128, reconstruction_damping=1.0)
+    tuned = dataclasses.replace(refit, epochs=1, steps_per_epoch=4, lr=1e-3, optimizer="adamw", weight_decay=0.05,
+                                distill_temperature=2.0, freeze_batchnorm=True)
+    spec = parse_variant("sparse50")
+    for name, recipe in (("refit", refit), ("tuned", tuned)):
+        derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / name, reference, per_layer=True, dense_below=100)
+    before, after = _weights(tmp_path / "refit"), _weights(tmp_path / "tuned")
+    convs = [n for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for n in convs:
+        assert torch.equal(before[f"{n}.weight"] == 0, after[f"{n}.weight"] == 0), f"{n}: the same zeros"
+    moved = sum(not torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in convs)
+    assert moved == len(convs), "every layer's kept weights trained"
+    config = load_local(tmp_path / "tuned").config["compression"]
+    assert config["method"].endswith("layer-wise reconstruction + distillation from FP32")
+    assert config["finetune_steps"] == 4 and config["distillation"]["temperature"] == 2.0
+
+
+def test_zeros_are_held_only_within_the_block():
+    layer = nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight[:, :4] = 0
+    with zeros_held(layer) as held:
+        layer(torch.randn(16, 8)).square().sum().backward()
+    assert held == 16 and layer.weight.grad[:, :4].eq(0).all() and layer.weight.grad[:, 4:].ne(0).all()
+    layer.weight.grad = None
+    layer(torch.randn(16, 8)).square().sum().backward()
+    assert layer.weight.grad[:, :4].ne(0).all(), "the hooks are gone after the block"
 
 
 def _output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:

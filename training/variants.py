@@ -29,6 +29,7 @@ from training import distributed
 from training.batchnorm import match_batchnorm_statistics
 from training.reconstruction import reconstruct_pruned_layers, reconstruct_quantized_layers
 from training.loop import accuracy_metrics, fit, predict, seed_everything
+from training.masks import zeros_held
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     ``-dwdense``, layers with fewer than ``dense_below`` weights too) ramped from 0 to the variant's
     sparsity over the first ``ramp`` fraction of fine-tuning (the rest trains around the final
     masks); masks then baked into the weights. With the recipe's ``reconstruction_samples`` images,
-    the masks are set at once and each layer's kept weights refitted to FP32's outputs instead of fine-tuning
-    (:mod:`training.reconstruction`). With ``batchnorm_correction`` images, BatchNorm statistics
+    the masks are set at once and each layer's kept weights refitted to FP32's outputs
+    (:mod:`training.reconstruction`); fine-tuning, if the recipe has any, follows with the pruned
+    weights held at zero (:mod:`training.masks`). With ``batchnorm_correction`` images, BatchNorm statistics
     are matched to FP32's after every change of the masks (:mod:`training.batchnorm`)."""
     if spec.kind != "sparse":
         raise ValueError(f"{spec.name} is not a sparse variant")
@@ -206,7 +208,14 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         compression.bake_sparsity(model)
         refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruct_pruned_layers, spared)}
         correct()
-        how, schedule, steps = "layer-wise reconstruction", "one-shot", 0
+        steps = _steps(recipe, job)
+        if steps:  # fine-tuning around the refitted weights keeps the masks the refit was made for
+            with zeros_held(model):
+                model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
+                            desc=spec.name, workers=job.workers, teacher=_teacher(fp32, recipe))
+        how = "layer-wise reconstruction" + (" + distillation from FP32" if steps and recipe.distill_temperature
+                                             else " + fine-tuning" if steps else "")
+        schedule = "one-shot"
     else:
         grow, steps = _MaskRamp(scheduler, ramp * recipe.epochs, correct), _steps(recipe, job)
         # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
