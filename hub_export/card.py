@@ -36,11 +36,13 @@ DATASETS = {
     "fashion-mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST", "test"),
 }
 _RELATION = {"quantized": "quantized", "sparse": "finetune"}  # the Hub's base_model_relation values
-_METRICS = (  # config["metrics"] key, model-index type, name
-    ("top1", "accuracy", "Top-1 accuracy"),
-    ("top5", "top_5_accuracy", "Top-5 accuracy"),
-    ("agreement_with_fp32", "agreement", "Agreement with FP32 (identical top-1 predictions)"),
-    ("sparsity", "sparsity", "Weight sparsity (exact zeros in conv and linear weights)"),
+_METRICS = (  # config["metrics"] key, model-index type, name, format in the card's table
+    ("top1", "accuracy", "Top-1 accuracy", "{:.2%}"),
+    ("top5", "top_5_accuracy", "Top-5 accuracy", "{:.2%}"),
+    ("agreement_with_fp32", "agreement", "Agreement with FP32 (identical top-1 predictions)", "{:.2%}"),
+    ("top5_overlap_with_fp32", "top_5_overlap", "Top-5 overlap with FP32 (share of FP32's top 5 classes)", "{:.2%}"),
+    ("kl_from_fp32", "kl_divergence", "KL divergence from FP32's outputs (nats, mean)", "{:.4f}"),
+    ("sparsity", "sparsity", "Weight sparsity (exact zeros in conv and linear weights)", "{:.2%}"),
 )
 
 
@@ -69,7 +71,7 @@ def model_card(config: dict[str, Any], repo_id: str, base_model: str | None = No
                        dataset_type=dataset_id or family.dataset, dataset_name=dataset_name,
                        dataset_split=split, metric_type=metric_type, metric_name=name,
                        metric_value=round(float(config["metrics"][key]), 4))
-            for key, metric_type, name in _METRICS if key in config.get("metrics", {})
+            for key, metric_type, name, _ in _METRICS if key in config.get("metrics", {})
         ],
     )
     body = "\n".join([
@@ -120,7 +122,7 @@ def _what(config: dict) -> str:
 
 def _results(config: dict) -> str:
     metrics = config.get("metrics", {})
-    rows = [f"| {name} | {float(metrics[key]):.2%} |" for key, _, name in _METRICS if key in metrics]
+    rows = [f"| {name} | {form.format(float(metrics[key]))} |" for key, _, name, form in _METRICS if key in metrics]
     if "eval_samples" in metrics:
         rows.append(f"| Held-out images | {metrics['eval_samples']} |")
     return "## Results\n\n| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"

@@ -154,6 +154,8 @@ def test_reload_gives_the_model_that_training_saved(untrained_zoo, saved_outputs
     for key in ("top1", "top5", "agreement_with_fp32", "top5_overlap_with_fp32"):
         if key in config["metrics"]:
             assert fresh[key] == config["metrics"][key], key
+    if reference is not None:
+        assert fresh["kl_from_fp32"] == pytest.approx(config["metrics"]["kl_from_fp32"], rel=1e-4, abs=1e-7)
 
 
 # --- the former kind "int8" ------------------------------------------------------------------------

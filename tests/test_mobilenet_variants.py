@@ -92,6 +92,7 @@ def test_a_w4a8_variant_is_calibrated_refitted_matched_to_fp32_saved_and_read_ba
     model, metrics = derive_quantized(job, fp32, recipe, parse_variant("w4a8"), 32, tmp_path, reference,
                                       batchnorm_correction=32)
     assert 0 <= metrics["agreement_with_fp32"] <= 1 and "top5_overlap_with_fp32" in metrics
+    assert metrics["kl_from_fp32"] > 0, "a 4-bit network's outputs are not FP32's"
     variant = load_local(tmp_path)
     compression_record = variant.config["compression"]
     assert "GPTQ" in compression_record["method"] and "BatchNorm statistics matched to FP32" in compression_record["method"]

@@ -11,7 +11,8 @@ import torch
 import surgery
 from surgery.architectures import architecture_of
 from surgery.similarity import (MinibatchCKA, canonical_correlations, cka, layer_similarity, map_spearman,
-                                mean_ci, prediction_agreement, pwcca, svcca, topk_iou, topk_overlap)
+                                mean_ci, output_divergence, prediction_agreement, pwcca, svcca, topk_iou,
+                                topk_overlap)
 from surgery.similarity.cca import MomentAccumulator, cca_scores, moments
 from surgery.similarity.stats import Estimate, bootstrap, grouped_mean, jackknife, jackknife_interval
 from surgery.similarity.synthetic import SyntheticPair
@@ -244,6 +245,18 @@ def test_bootstrap_intervals_cover_and_shrink_with_more_images():
     assert nan_aware.n == 3 and nan_aware.value == pytest.approx(2 / 3)
     low, high = bootstrap(lambda i: np.array([small[i].mean(), small[i].max()]), len(small), seed=1)
     assert low.shape == (2,) and low[0] == pytest.approx(e_small.low, abs=0.05)
+
+
+def test_output_divergence_is_kl_and_sees_what_agreement_does_not():
+    g = _gen(8)
+    logits = torch.randn(100, 10, generator=g)
+    assert torch.allclose(output_divergence(logits, logits + 3.0), torch.zeros(100, dtype=torch.float64), atol=1e-12)
+    other = torch.randn(100, 10, generator=g)
+    expected = torch.nn.functional.kl_div(other.double().log_softmax(1), logits.double().log_softmax(1),
+                                          log_target=True, reduction="none").sum(1)
+    assert torch.allclose(output_divergence(logits, other), expected) and bool((expected > 0).all())
+    sharper = 3 * logits  # the same top-1 class everywhere, other confidences
+    assert prediction_agreement(logits, sharper).mean() == 1.0 and bool((output_divergence(logits, sharper) > 0).all())
 
 
 def test_agreement_scores():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from surgery import compression
 from surgery.registry import Recipe
-from surgery.similarity.agreement import topk_overlap
+from surgery.similarity.agreement import output_divergence, topk_overlap
 from training import distributed, resume
 from training.distillation import distillation_loss, freeze_batchnorm
 
@@ -181,7 +181,8 @@ def predict(model: nn.Module, dataset: Dataset, device: torch.device, batch_size
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str] | tuple[str, ...],
                      reference_logits: torch.Tensor | None = None) -> dict:
     """Top-1 (and top-5) and per-class accuracy and, given FP32's logits on the same images, agreement
-    with FP32's predictions and the share of FP32's top-5 classes in the variant's top-5.
+    with FP32's predictions, the share of FP32's top-5 classes in the variant's top-5 and the mean
+    KL divergence of the variant's outputs from FP32's (nats).
 
     Unlabelled images (label :data:`surgery.data.photos.UNLABELLED`, e.g. the held-out photo crops)
     have no accuracy: their metrics are the comparisons with FP32 alone, never a "top-1".
@@ -203,4 +204,5 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: li
         metrics["agreement_with_fp32"] = float((predictions == reference_logits.argmax(1)).float().mean())
         if logits.shape[1] > 5:
             metrics["top5_overlap_with_fp32"] = float(topk_overlap(logits, reference_logits, 5).mean())
+        metrics["kl_from_fp32"] = float(output_divergence(reference_logits, logits).mean())
     return metrics

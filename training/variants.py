@@ -73,8 +73,8 @@ def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, reci
         shutil.rmtree(_state_dir(out), ignore_errors=True)
     job.ctx.barrier()
     logger.info("%s/%s: %s", job.family.name, variant, ", ".join(
-        f"{key} {metrics[key]:.4f}" for key in ("top1", "agreement_with_fp32", "top5_overlap_with_fp32")
-        if key in metrics))
+        f"{key} {metrics[key]:.4f}" for key in ("top1", "agreement_with_fp32", "top5_overlap_with_fp32",
+                                                 "kl_from_fp32") if key in metrics))
     return metrics, logits
 
 

@@ -14,7 +14,8 @@ Example:
     >>> mean_ci(prediction_agreement(fp32(x), int8(x)))
 """
 
-from surgery.similarity.agreement import map_spearman, prediction_agreement, top_pixels, topk_iou, topk_overlap
+from surgery.similarity.agreement import (map_spearman, output_divergence, prediction_agreement, top_pixels, topk_iou,
+                                          topk_overlap)
 from surgery.similarity.cca import MomentAccumulator, canonical_correlations, pwcca, svcca
 from surgery.similarity.cka import MinibatchCKA, cka
 from surgery.similarity.representations import (CCAStream, LayerSimilarity, iter_activations, layer_similarity,
@@ -24,6 +25,7 @@ from surgery.similarity.stats import Estimate, Jackknife, bootstrap, group_of, g
 __all__ = [
     "CCAStream", "Estimate", "Jackknife", "LayerSimilarity", "MinibatchCKA", "MomentAccumulator", "bootstrap",
     "canonical_correlations", "cka", "group_of", "grouped_mean", "iter_activations", "jackknife",
-    "layer_similarity", "map_spearman", "matched_positions", "mean_ci", "prediction_agreement", "pwcca",
-    "reduce_activation", "streamed_cka", "svcca", "top_pixels", "topk_iou", "topk_overlap",
+    "layer_similarity", "map_spearman", "matched_positions", "mean_ci", "output_divergence",
+    "prediction_agreement", "pwcca", "reduce_activation", "streamed_cka", "svcca", "top_pixels", "topk_iou",
+    "topk_overlap",
 ]
