@@ -122,7 +122,8 @@ def _what(config: dict) -> str:
 
 def _results(config: dict) -> str:
     metrics = config.get("metrics", {})
-    rows = [f"| {name} | {form.format(float(metrics[key]))} |" for key, _, name, form in _METRICS if key in metrics]
+    rows = [f"| {name} | {form.format(float(metrics[key]))} |"
+            for key, _, name, form in _METRICS if key in metrics]
     if "eval_samples" in metrics:
         rows.append(f"| Held-out images | {metrics['eval_samples']} |")
     return "## Results\n\n| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"

@@ -180,7 +180,8 @@ def test_model_card_parses_back_with_metrics_and_base_model(first_pull, pushed):
         assert data.base_model == fp32_repo
         assert values["agreement"] == pytest.approx(config["metrics"]["agreement_with_fp32"], abs=1e-4)
         assert values["kl_divergence"] == pytest.approx(config["metrics"]["kl_from_fp32"], abs=1e-4)
-        assert f"KL divergence from FP32's outputs (nats, mean) | {config['metrics']['kl_from_fp32']:.4f} |" in card["text"]
+        kl = config["metrics"]["kl_from_fp32"]
+        assert f"KL divergence from FP32's outputs (nats, mean) | {kl:.4f} |" in card["text"]
         comp = config["compression"]
         if config["kind"] == "quantized":
             w, a = comp["weight_bits"], comp["activation_bits"]

@@ -213,9 +213,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
             with zeros_held(model):
                 model = fit(model, job.train_set, recipe, job.ctx, seed=job.seed, state_dir=_state_dir(out),
                             desc=spec.name, workers=job.workers, teacher=_teacher(fp32, recipe))
-        how = "layer-wise reconstruction" + (" + distillation from FP32" if steps and recipe.distill_temperature
-                                             else " + fine-tuning" if steps else "")
-        schedule = "one-shot"
+        how, schedule = "layer-wise reconstruction", "one-shot"
+        if steps:
+            how += " + " + ("distillation from FP32" if recipe.distill_temperature else "fine-tuning")
     else:
         grow, steps = _MaskRamp(scheduler, ramp * recipe.epochs, correct), _steps(recipe, job)
         # NNCF's mask update flattens weights with .view(-1): they must stay in the standard layout.
