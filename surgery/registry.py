@@ -61,6 +61,9 @@ class Recipe:
     # moments (training.reconstruction). 0.01 is SparseGPT's numerical damping; where the images are
     # unlike the data the model was trained on, a larger one keeps the fit from learning them.
     reconstruction_damping: float = 0.01
+    # Synthetic images (training.synthetic: drawn from FP32's BatchNorm statistics, ZeroQ) added to the
+    # refit's ``reconstruction_samples`` images, at the same size; 0: none.
+    synthetic_samples: int = 0
     # Activations quantized with a zero point (NNCF's MIXED preset), not symmetrically around 0: the
     # residual sums of MobileNetV2 are signed and skewed, so a symmetric range wastes levels on them.
     asymmetric_activations: bool = False
@@ -91,7 +94,10 @@ class CompressionRecipe:
     sparsity: float = 0.9  # the default target of ``python -m training sparse``
     sparsity_ramp: float = 0.5  # masks grow from 0 to the target over this fraction of fine-tuning
     activation_ranges: str = "mean_minmax"  # how calibration sets activation ranges (surgery.compression.ACTIVATION_RANGES)
-    per_layer_sparsity: bool = False  # every layer at the target sparsity, not one global magnitude threshold
+    # Which layers the zeros of a sparse variant go to: "global" (one magnitude threshold over all weights),
+    # "per_layer" (every layer at the target) or "lamp" (the per-layer zeros re-allocated by LAMP scores,
+    # training.masks).
+    sparsity_allocation: str = "global"
     # Images on which BatchNorm statistics are matched to FP32's after calibrating and after each growth of
     # the sparsity masks (training.batchnorm); 0 leaves them as they are.
     batchnorm_correction: int = 0
@@ -387,7 +393,7 @@ FAMILIES: dict[str, ModelFamily] = {
                                      reconstruction_damping=0.3)},
                 calibration_samples=512,  # 128 gave INT8 85.3% agreement and -4.4 labelled points, 512: 86.6%, -2.5 (both symmetric)
                 sparsity_ramp=0.5,
-                per_layer_sparsity=True,
+                sparsity_allocation="per_layer",
                 batchnorm_correction=64,
                 bias_correction=False,
                 dense_below=30_000,

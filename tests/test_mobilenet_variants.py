@@ -24,7 +24,7 @@ from surgery.variants import DEPTHWISE_SUFFIX, parse_variant
 from training import distributed
 from training.cli import zoo_variants
 from training.loop import seed_everything
-from training.masks import zeros_held
+from training.masks import lamp_reallocate, lamp_scores, zeros_held
 from training.variants import Job, derive_quantized, derive_sparse
 
 SIZE = 32
@@ -132,7 +132,7 @@ def test_a_sparse_dwdense_variant_stores_its_zeros_and_keeps_depthwise_layers_de
     recipe = Recipe(epochs=1, lr=1e-4, batch_size=16, optimizer="adamw", weight_decay=0.0, steps_per_epoch=4,
                     distill_temperature=2.0, freeze_batchnorm=True, image_size=24)
     _, metrics = derive_sparse(job, fp32, recipe, parse_variant("sparse50-dwdense"), 0.5, tmp_path, reference,
-                               per_layer=True, batchnorm_correction=32)
+                               allocation="per_layer", batchnorm_correction=32)
     assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
     stored = _weights(tmp_path)
     depthwise = compression.depthwise_layers(fp32)
@@ -155,7 +155,7 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
     recipe = Recipe(epochs=0, lr=0.0, batch_size=16, reconstruction_samples=128, reconstruction_damping=1.0)
     small = 100  # spares the first block's two layers (72 and 64 weights) of this small network
     spec = parse_variant("sparse50")
-    _, metrics = derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / "refit", reference, per_layer=True,
+    _, metrics = derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / "refit", reference, allocation="per_layer",
                                dense_below=small)
     stored = _weights(tmp_path / "refit")
     convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -193,7 +193,7 @@ def test_fine_tuning_after_the_refit_keeps_the_refits_masks(job, fp32, reference
                                 distill_temperature=2.0, freeze_batchnorm=True)
     spec = parse_variant("sparse50")
     for name, recipe in (("refit", refit), ("tuned", tuned)):
-        derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / name, reference, per_layer=True, dense_below=100)
+        derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / name, reference, allocation="per_layer", dense_below=100)
     before, after = _weights(tmp_path / "refit"), _weights(tmp_path / "tuned")
     convs = [n for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for n in convs:
@@ -221,3 +221,54 @@ def _output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     with LayerCapture(model, name) as capture, torch.no_grad():
         model.eval()(x)
     return capture.output
+
+
+def test_lamp_scores_follow_their_definition():
+    scores = lamp_scores(torch.tensor([[1.0, -3.0], [2.0, 0.5]]))
+    # squares 1, 9, 4, 0.25: each over the sum of the squares at least as large
+    expected = torch.tensor([[1 / 14, 1.0], [4 / 13, 0.25 / 14.25]], dtype=torch.float64)
+    assert torch.allclose(scores, expected)
+
+
+def test_lamp_moves_zeros_from_thin_layers_to_wide_ones_and_keeps_their_count():
+    seed_everything(0)
+    reference = nn.Sequential(nn.Linear(4, 4), nn.Linear(64, 64), nn.Linear(8, 8))
+    model = copy.deepcopy(reference)
+    with torch.no_grad():  # every layer at 50% by its own magnitudes, the last left dense
+        for layer in model[:2]:
+            w = layer.weight
+            w.mul_(w.abs() > w.abs().flatten().median())
+    zeros = sum(int((layer.weight == 0).sum()) for layer in model)
+    sparsity = lamp_reallocate(model, reference)
+    assert set(sparsity) == {"0", "1"} and sparsity["0"] < 0.5 < sparsity["1"]
+    assert sum(int((layer.weight == 0).sum()) for layer in model) == zeros
+    assert torch.equal(model[2].weight, reference[2].weight), "a dense layer stays dense"
+    for layer, original in zip(model[:2], reference[:2]):
+        kept = layer.weight != 0
+        assert torch.equal(layer.weight[kept], original.weight[kept])
+        assert original.weight[kept].abs().min() >= original.weight[~kept].abs().max(), "each layer's largest kept"
+
+
+def test_a_lamp_variant_with_synthetic_rows_in_its_refit(job, fp32, reference, tmp_path):
+    """The ImageNet family's sparse recipe: per-layer masks re-allocated by LAMP, refitted on photo
+    crops and synthetic images drawn from FP32's BatchNorm statistics (cached beside the variant)."""
+    recipe = Recipe(epochs=0, lr=0.0, batch_size=16, reconstruction_samples=64, reconstruction_damping=1.0,
+                    synthetic_samples=8)
+    spec = parse_variant("sparse50")
+    with pytest.raises(ValueError, match="'lamp' with a refit"):
+        derive_sparse(job, fp32, dataclasses.replace(recipe, reconstruction_samples=0), spec, 0.5,
+                      tmp_path / "no-refit", reference, allocation="lamp")
+    _, metrics = derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / "zoo" / "sparse50", reference,
+                               allocation="lamp", dense_below=100)
+    assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
+    stored = _weights(tmp_path / "zoo" / "sparse50")
+    convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    zeros = {n: float((stored[f"{n}.weight"] == 0).double().mean()) for n in convs}
+    spared = compression.small_layers(fp32, 100)
+    assert all(zeros[n] == 0 for n in spared)
+    pruned = [zeros[n] for n in convs if n not in spared]
+    assert max(pruned) - min(pruned) > 0.1, "LAMP gives the layers different sparsities"
+    config = load_local(tmp_path / "zoo" / "sparse50").config["compression"]
+    assert config["allocation"] == "lamp" and "re-allocated by LAMP" in config["method"]
+    assert config["reconstruction"]["synthetic_samples"] == 8
+    assert len(list((tmp_path / "zoo" / ".synthetic").glob("*.safetensors"))) == 1

@@ -176,7 +176,7 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
                                       bias_correction=c.bias_correction)
     else:
         _, metrics = derive_sparse(job, fp32, recipe, spec, c.sparsity_ramp, out, reference,
-                                   per_layer=c.per_layer_sparsity, batchnorm_correction=c.batchnorm_correction,
+                                   allocation=c.sparsity_allocation, batchnorm_correction=c.batchnorm_correction,
                                    dense_below=c.dense_below)
     return metrics
 

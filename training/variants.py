@@ -29,11 +29,13 @@ from training import distributed
 from training.batchnorm import match_batchnorm_statistics
 from training.reconstruction import reconstruct_pruned_layers, reconstruct_quantized_layers
 from training.loop import accuracy_metrics, fit, predict, seed_everything
-from training.masks import zeros_held
+from training.masks import lamp_reallocate, zeros_held
+from training.synthetic import cached_batchnorm_images
 
 logger = logging.getLogger(__name__)
 
 RAMP_UPDATES = 16  # mask recomputations over the sparsity ramp (each is a global top-k over all weights)
+SPARSITY_ALLOCATIONS = ("global", "per_layer", "lamp")
 
 
 @dataclass
@@ -50,6 +52,11 @@ class Job:
 
 def _state_dir(out: Path) -> Path:
     return out / ".resume"
+
+
+def _synthetic_cache(out: Path) -> Path:
+    """Where synthetic images are cached: beside the variant, so a zoo's variants share them."""
+    return out.parent / ".synthetic"
 
 
 def _finish(model: nn.Module, job: Job, out: Path, variant: str, kind: str, recipe: Recipe,
@@ -150,7 +157,8 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
                                      bias_correction=bias_correction,
                                      asymmetric_activations=recipe.asymmetric_activations)
     reconstruction = recipe.reconstruction_samples
-    refit = {"reconstruction": _refit(quantized, fp32, job, recipe, reconstruct_quantized_layers)} if reconstruction else {}
+    refit = ({"reconstruction": _refit(quantized, fp32, job, recipe, reconstruct_quantized_layers, _synthetic_cache(out))}
+             if reconstruction else {})
     if batchnorm_correction:
         match_batchnorm_statistics(quantized, fp32, _correction_images(job, batchnorm_correction))
     steps = _steps(recipe, job)
@@ -174,10 +182,12 @@ def derive_quantized(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpe
 
 
 def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, ramp: float,
-                  out: Path, reference: torch.Tensor | None, *, per_layer: bool = False,
+                  out: Path, reference: torch.Tensor | None, *, allocation: str = "global",
                   batchnorm_correction: int = 0, dense_below: int = 0) -> tuple[nn.Module, dict]:
-    """Magnitude pruning (global, or ``per_layer``; depthwise convolutions left dense for
-    ``-dwdense``, layers with fewer than ``dense_below`` weights too) ramped from 0 to the variant's
+    """Magnitude pruning (``allocation``: one ``global`` threshold, every layer alike ``per_layer``, or
+    per layer then re-allocated by ``lamp`` scores (:func:`training.masks.lamp_reallocate`, with the
+    refit only); depthwise convolutions left dense for ``-dwdense``, layers with fewer than
+    ``dense_below`` weights too) ramped from 0 to the variant's
     sparsity over the first ``ramp`` fraction of fine-tuning (the rest trains around the final
     masks); masks then baked into the weights. With the recipe's ``reconstruction_samples`` images,
     the masks are set at once and each layer's kept weights refitted to FP32's outputs
@@ -188,6 +198,9 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         raise ValueError(f"{spec.name} is not a sparse variant")
     if not 0 < ramp < 1:
         raise ValueError(f"the sparsity ramp must be a fraction of fine-tuning in (0, 1), got {ramp}")
+    if allocation not in SPARSITY_ALLOCATIONS or (allocation == "lamp" and not recipe.reconstruction_samples):
+        raise ValueError(f"sparsity allocation must be one of {SPARSITY_ALLOCATIONS} ('lamp' with a refit's "
+                         f"reconstruction_samples), got {allocation!r}")
     started = time.perf_counter()
     seed_everything(job.seed)
     model = copy.deepcopy(fp32).to(job.ctx.device)
@@ -202,11 +215,14 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
             match_batchnorm_statistics(model, fp32, images)
 
     scheduler = compression.start_magnitude_sparsity(model, example, spec.sparsity, RAMP_UPDATES,
-                                                     per_layer=per_layer, dense=dense)
+                                                     per_layer=allocation != "global", dense=dense)
     if recipe.reconstruction_samples:
         scheduler.step(RAMP_UPDATES)  # the target masks at once: the refit replaces fine-tuning
         compression.bake_sparsity(model)
-        refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruct_pruned_layers, spared)}
+        if allocation == "lamp":
+            lamp_reallocate(model, fp32)
+        refit = {"reconstruction": _refit(model, fp32, job, recipe, reconstruct_pruned_layers, _synthetic_cache(out),
+                                          spared)}
         correct()
         steps = _steps(recipe, job)
         if steps:  # fine-tuning around the refitted weights keeps the masks the refit was made for
@@ -228,7 +244,8 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         compression.bake_sparsity(model)
         refit, how = {}, "fine-tuning"
         schedule = f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning"
-    comp = {"method": f"nncf.prune (unstructured magnitude, {'per layer' if per_layer else 'global'}) + {how}",
+    where = {"global": "global", "per_layer": "per layer", "lamp": "per layer, re-allocated by LAMP"}[allocation]
+    comp = {"method": f"nncf.prune (unstructured magnitude, {where}) + {how}", "allocation": allocation,
             "mode": str(scheduler.mode), "schedule": schedule, **refit,
             "target_sparsity": spec.sparsity, "dense_layers": dense, "finetune_steps": steps,
             "batchnorm_correction_samples": batchnorm_correction, **(_distillation_record(recipe) if steps else {})}
@@ -237,18 +254,21 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
 
 
 def _refit(model: nn.Module, fp32: nn.Module, job: Job, recipe: Recipe,
-           reconstruct: Callable[..., dict[str, float]],
+           reconstruct: Callable[..., dict[str, float]], cache: Path,
            spared: set[str] = frozenset()) -> dict:
     """Refit ``model``'s layers to FP32 with ``reconstruct`` on the recipe's ``reconstruction_samples``
-    training images (at its image size); what the checkpoint records of it (the error over the
-    layers not ``spared``)."""
-    samples = recipe.reconstruction_samples
+    training images and ``synthetic_samples`` synthetic ones (at its image size; cached under
+    ``cache``); what the checkpoint records of it (the error over the layers not ``spared``)."""
+    samples, size = recipe.reconstruction_samples, recipe.image_size or job.family.input_size
     images = _correction_images(job, samples, salt=2)
     if recipe.image_size:
         images = nn.functional.interpolate(images, size=recipe.image_size, mode="bilinear", antialias=True)
+    if recipe.synthetic_samples:
+        synthetic = cached_batchnorm_images(fp32, recipe.synthetic_samples, size, cache, seed=job.seed)
+        images = torch.cat([images, synthetic.to(images.device)])
     errors = reconstruct(model, fp32, images, damping=recipe.reconstruction_damping)
     pruned = [e for name, e in errors.items() if name not in spared]  # the layers the refit makes up for
-    return {"samples": samples, "image_size": recipe.image_size or job.family.input_size,
+    return {"samples": samples, "synthetic_samples": recipe.synthetic_samples, "image_size": size,
             "damping": recipe.reconstruction_damping,
             "layers_refitted": len(errors),
             "median_relative_output_error": float(torch.tensor(pruned or [math.nan]).median())}
