@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgery import compression, load_variant  # noqa: E402
+from surgery.checkpoint import CONFIG_FILE  # noqa: E402
 from surgery.data.photos import HeldOutCrops  # noqa: E402
 from surgery.similarity.agreement import output_divergence  # noqa: E402
 from training.synthetic import cached_batchnorm_images  # noqa: E402
@@ -53,6 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache", type=Path, help="where they are cached (default: the first zoo's .synthetic)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    missing = [str(zoo) for zoo in args.zoos if not (zoo / "fp32" / CONFIG_FILE).is_file()
+               or not (zoo / args.variant / CONFIG_FILE).is_file()]
+    if missing:
+        raise SystemExit(f"no fp32 or no {args.variant} checkpoint in: {', '.join(missing)}")
     fp32, config = load_variant(args.zoos[0] / "fp32")
     size = int(config["architecture"]["input_size"])
     synthetic = cached_batchnorm_images(fp32, args.synthetic, args.size, args.cache or args.zoos[0] / ".synthetic",
