@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import safetensors.torch
@@ -120,7 +121,7 @@ def cached_batchnorm_images(model: nn.Module, n: int, size: int, cache: Path, st
                 batch, seed)
     images = batchnorm_images(model, n, size, steps, seed, batch)
     cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    partial = path.with_suffix(f".{os.getpid()}.partial")  # processes of one run may write the same file
     safetensors.torch.save_file({"images": images.cpu().contiguous()}, partial)
     partial.replace(path)
     return images
