@@ -4,6 +4,7 @@ was generated without generating again and regenerates over a damaged file."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -22,8 +23,6 @@ SIZE, STEPS = 32, 100
 def model() -> nn.Module:
     """Random weights with BatchNorm statistics estimated on structured (smooth, bright) images, so
     that noise does not already match them."""
-    import dataclasses
-
     family = dataclasses.replace(get_family("mobilenetv2-imagenet"), input_size=SIZE,
                                  arch_options={"width_mult": 0.25, "last_stage_stride": 2})
     seed_everything(0)

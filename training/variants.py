@@ -35,7 +35,8 @@ from training.synthetic import cached_batchnorm_images
 logger = logging.getLogger(__name__)
 
 RAMP_UPDATES = 16  # mask recomputations over the sparsity ramp (each is a global top-k over all weights)
-SPARSITY_ALLOCATIONS = ("global", "per_layer", "lamp")
+# Where the zeros of a sparse variant go, and how its method names it.
+SPARSITY_ALLOCATIONS = {"global": "global", "per_layer": "per layer", "lamp": "per layer, re-allocated by LAMP"}
 
 
 @dataclass
@@ -199,7 +200,7 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
     if not 0 < ramp < 1:
         raise ValueError(f"the sparsity ramp must be a fraction of fine-tuning in (0, 1), got {ramp}")
     if allocation not in SPARSITY_ALLOCATIONS or (allocation == "lamp" and not recipe.reconstruction_samples):
-        raise ValueError(f"sparsity allocation must be one of {SPARSITY_ALLOCATIONS} ('lamp' with a refit's "
+        raise ValueError(f"sparsity allocation must be one of {tuple(SPARSITY_ALLOCATIONS)} ('lamp' with a refit's "
                          f"reconstruction_samples), got {allocation!r}")
     started = time.perf_counter()
     seed_everything(job.seed)
@@ -244,8 +245,8 @@ def derive_sparse(job: Job, fp32: nn.Module, recipe: Recipe, spec: VariantSpec, 
         compression.bake_sparsity(model)
         refit, how = {}, "fine-tuning"
         schedule = f"NNCF exponential ramp, {RAMP_UPDATES} updates over the first {ramp:.0%} of fine-tuning"
-    where = {"global": "global", "per_layer": "per layer", "lamp": "per layer, re-allocated by LAMP"}[allocation]
-    comp = {"method": f"nncf.prune (unstructured magnitude, {where}) + {how}", "allocation": allocation,
+    comp = {"method": f"nncf.prune (unstructured magnitude, {SPARSITY_ALLOCATIONS[allocation]}) + {how}",
+            "allocation": allocation,
             "mode": str(scheduler.mode), "schedule": schedule, **refit,
             "target_sparsity": spec.sparsity, "dense_layers": dense, "finetune_steps": steps,
             "batchnorm_correction_samples": batchnorm_correction, **(_distillation_record(recipe) if steps else {})}
