@@ -189,7 +189,7 @@ def sparse_storage(model: nn.Module, ir_bin: Path) -> dict[str, Any]:
     """
     data = ir_bin.read_bytes()
     bitmask = dense = 0
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    weights = {id(m.weight) for m in compression.weight_layers(model).values()}
     for tensor in model.state_dict(keep_vars=True).values():
         size = tensor.numel() * tensor.element_size()
         dense += size

@@ -116,11 +116,10 @@ def weight_diagnostics(model: nn.Module) -> dict:
     """Per conv/linear layer: share of zero weights and dead filters (output channels all zero)."""
     sparsity = compression.weight_sparsity(model)
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            w = module.weight.detach().reshape(module.weight.shape[0], -1)
-            layers[name] = {"sparsity": round(sparsity[name], 6), "filters": int(w.shape[0]),
-                            "dead_filters": int((w == 0).all(1).sum())}
+    for name, module in compression.weight_layers(model).items():
+        w = module.weight.detach().reshape(module.weight.shape[0], -1)
+        layers[name] = {"sparsity": round(sparsity[name], 6), "filters": int(w.shape[0]),
+                        "dead_filters": int((w == 0).all(1).sum())}
     return {"overall_sparsity": round(sparsity["overall"], 6), "layers": layers}
 
 

@@ -28,7 +28,6 @@ import torch
 from nncf.common.quantization.structs import QuantizationScheme
 from nncf.quantization.advanced_parameters import QuantizationParameters
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-from nncf.torch.function_hook.pruning.magnitude.algo import get_pruned_modules as _pruning_masks
 from nncf.torch.function_hook.pruning.magnitude.schedulers import ExponentialMagnitudePruningScheduler
 from nncf.torch.function_hook.hook_executor_mode import disable_function_hook_mode
 from nncf.torch.function_hook.wrapper import get_hook_storage, is_wrapped
@@ -151,7 +150,7 @@ def quantizer_roles(model: nn.Module, example: torch.Tensor) -> dict[str, Quanti
     The edges are the first convolution and the classifier named by the model's architecture
     description (:func:`surgery.architectures.architecture_of`)."""
     named = named_quantizers(model)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    layers = weight_layers(model)
     arch = architecture_of(model)
     edges = {arch.first_conv, arch.classifier}
     owner = {id(m.weight): n for n, m in layers.items()}
@@ -310,6 +309,11 @@ def quantizer_backend(device: torch.device | str) -> str:
     return _BACKENDS[kind]
 
 
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's conv and linear layers by name: the ones whose weights compression quantizes or prunes."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
 def depthwise_layers(model: nn.Module) -> list[str]:
     """The names of the model's depthwise convolutions (one filter per input channel)."""
     return [name for name, m in model.named_modules()
@@ -318,8 +322,7 @@ def depthwise_layers(model: nn.Module) -> list[str]:
 
 def small_layers(model: nn.Module, below: int) -> list[str]:
     """The names of the model's conv and linear layers with fewer than ``below`` weights."""
-    return [name for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.numel() < below]
+    return [name for name, m in weight_layers(model).items() if m.weight.numel() < below]
 
 
 def _masks_on(model: nn.Module, example_input: torch.Tensor, mode: nncf.PruneMode, dense: list[str]) -> None:
@@ -345,7 +348,7 @@ def start_magnitude_sparsity(model: nn.Module, example_input: torch.Tensor, targ
     """
     mode = nncf.PruneMode.UNSTRUCTURED_MAGNITUDE_LOCAL if per_layer else SPARSITY_MODE
     dense = sorted(set(dense))
-    sizes = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sizes = {name: m.weight.numel() for name, m in weight_layers(model).items()}
     unknown = [name for name in dense if name not in sizes]
     if unknown:
         raise ValueError(f"no conv or linear layers named {', '.join(unknown)}")
@@ -390,12 +393,11 @@ def restore(model: nn.Module, config: dict) -> nn.Module:
 def weight_sparsity(model: nn.Module) -> dict[str, float]:
     """Fraction of exact zeros in every conv and linear weight, and over all of them together."""
     per_layer, zeros, total = {}, 0, 0
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            w = module.weight.detach()
-            z = int((w == 0).sum())
-            per_layer[name] = z / w.numel()
-            zeros, total = zeros + z, total + w.numel()
+    for name, module in weight_layers(model).items():
+        w = module.weight.detach()
+        z = int((w == 0).sum())
+        per_layer[name] = z / w.numel()
+        zeros, total = zeros + z, total + w.numel()
     return {"overall": zeros / max(total, 1), **per_layer}
 
 

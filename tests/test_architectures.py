@@ -29,7 +29,7 @@ from space.session import Session
 from space.ui import Handlers, build_demo, title
 from space.zoo_source import SourceConfig, resolve
 from study.__main__ import main as study_main
-from surgery import activation_maximization, explain, layer_similarity, load_variant
+from surgery import activation_maximization, compression, explain, layer_similarity, load_variant
 from surgery.architectures import ARCHITECTURES, architecture_of, build_from_architecture, get_architecture
 from surgery.attribution import LayerCapture
 from surgery.checkpoint import read_config
@@ -65,7 +65,7 @@ def test_each_description_names_the_networks_own_parts(name):
     model = build_from_architecture(_config(name)).eval()
     assert architecture_of(model) is arch and model.arch_config["input_size"] == 64
     x = torch.rand(2, 3, 64, 64)
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = list(compression.weight_layers(model))
     ran = _forward_order(model, layers, x)
     first, classifier = model.get_submodule(arch.first_conv), model.get_submodule(arch.classifier)
     assert ran[0] == arch.first_conv and isinstance(first, nn.Conv2d) and first.in_channels == 3

@@ -69,7 +69,7 @@ def test_depthwise_weights_take_the_variants_bit_width(mobilenet, batches, keep_
                                  keep_depthwise=keep_depthwise)
     levels = _weight_levels(model, batches[0])
     depthwise = set(compression.depthwise_layers(mobilenet))
-    layers = {n for n, m in mobilenet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    layers = set(compression.weight_layers(mobilenet))
     assert len(depthwise) == 17 and set(levels) == layers, "every conv, depthwise ones included, and the classifier"
     first, classifier = "features.0.0", "classifier.1"
     for layer, (bits, most) in levels.items():
@@ -102,7 +102,7 @@ def test_per_layer_sparsity_prunes_every_layer_alike(mobilenet, dense):
     compression.bake_sparsity(model)
     sparsity = compression.weight_sparsity(model)
     assert sparsity["overall"] == pytest.approx(0.9, abs=2e-3)
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sizes = {n: m.weight.numel() for n, m in compression.weight_layers(model).items()}
     spared = depthwise if dense else []
     ratio = 0.9 * sum(sizes.values()) / sum(v for n, v in sizes.items() if n not in spared)
     pruned = {k: v for k, v in sparsity.items() if k in sizes and k not in spared}

@@ -73,7 +73,7 @@ def test_weights_take_at_most_2_to_the_b_values_per_output_channel(traced, varia
     spec = parse_variant(variant)
     record = config["compression"]["quantizers"]
     weights = {r["layer"]: name for name, r in record.items() if r["role"] == "weight"}
-    layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    layers = set(compression.weight_layers(model))
     assert set(weights) == layers, "every convolution and the classifier have their weights quantized"
     for layer, name in weights.items():
         bits = 8 if layer in ("conv1", "fc") else spec.weight_bits

@@ -136,7 +136,7 @@ def test_a_sparse_dwdense_variant_stores_its_zeros_and_keeps_depthwise_layers_de
     assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
     stored = _weights(tmp_path)
     depthwise = compression.depthwise_layers(fp32)
-    convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    convs = compression.weight_layers(fp32)
     zeros = {n: (stored[f"{n}.weight"] == 0).float().mean().item() for n in convs}
     assert all(zeros[n] == 0 for n in depthwise), "depthwise layers left dense"
     pruned = [zeros[n] for n in convs if n not in depthwise]
@@ -158,7 +158,7 @@ def test_a_sparse_variant_by_layer_wise_reconstruction_spares_small_layers_and_b
     _, metrics = derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / "refit", reference, allocation="per_layer",
                                dense_below=small)
     stored = _weights(tmp_path / "refit")
-    convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    convs = compression.weight_layers(fp32)
     zeros = {n: (stored[f"{n}.weight"] == 0).float().mean().item() for n in convs}
     spared = compression.small_layers(fp32, small)
     assert spared and all(zeros[n] == 0 for n in spared) and all(zeros[n] > 0.49 for n in convs if n not in spared)
@@ -195,7 +195,7 @@ def test_fine_tuning_after_the_refit_keeps_the_refits_masks(job, fp32, reference
     for name, recipe in (("refit", refit), ("tuned", tuned)):
         derive_sparse(job, fp32, recipe, spec, 0.5, tmp_path / name, reference, allocation="per_layer", dense_below=100)
     before, after = _weights(tmp_path / "refit"), _weights(tmp_path / "tuned")
-    convs = [n for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    convs = list(compression.weight_layers(fp32))
     for n in convs:
         assert torch.equal(before[f"{n}.weight"] == 0, after[f"{n}.weight"] == 0), f"{n}: the same zeros"
     moved = sum(not torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in convs)
@@ -262,7 +262,7 @@ def test_a_lamp_variant_with_synthetic_rows_in_its_refit(job, fp32, reference, t
                                allocation="lamp", dense_below=100)
     assert metrics["sparsity"] == pytest.approx(0.5, abs=0.01)
     stored = _weights(tmp_path / "zoo" / "sparse50")
-    convs = {n: m for n, m in fp32.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    convs = compression.weight_layers(fp32)
     zeros = {n: float((stored[f"{n}.weight"] == 0).double().mean()) for n in convs}
     spared = compression.small_layers(fp32, 100)
     assert all(zeros[n] == 0 for n in spared)

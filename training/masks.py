@@ -28,27 +28,24 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from surgery.compression import weight_layers
+
 
 @contextmanager
 def zeros_held(model: nn.Module) -> Iterator[int]:
     """Within the block, the gradient of every convolution or linear weight that is zero on entry is
     zero; yields how many weights are held."""
     handles, held = [], 0
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            mask = module.weight.detach() != 0
-            if not bool(mask.all()):
-                held += int((~mask).sum())
-                handles.append(module.weight.register_hook(lambda grad, mask=mask: grad * mask))
+    for module in weight_layers(model).values():
+        mask = module.weight.detach() != 0
+        if not bool(mask.all()):
+            held += int((~mask).sum())
+            handles.append(module.weight.register_hook(lambda grad, mask=mask: grad * mask))
     try:
         yield held
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _prunable(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -68,7 +65,7 @@ def lamp_reallocate(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     ``reference``'s weights (FP32, matched by name) by LAMP: as many zeros as ``model`` has over
     those layers, at the globally lowest scores; kept weights get ``reference``'s values. Layers
     with no zero stay as they are. Returns each pruned layer's new sparsity."""
-    layers, originals = _prunable(model), _prunable(reference)
+    layers, originals = weight_layers(model), weight_layers(reference)
     pruned = {name: m for name, m in layers.items() if bool((m.weight == 0).any())}
     if not pruned:
         return {}

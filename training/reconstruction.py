@@ -149,10 +149,6 @@ def _refit(fp32: torch.Tensor, kept: torch.Tensor, hessian: torch.Tensor, cross:
     return out.reshape(fp32.shape).to(fp32.dtype)
 
 
-def _layers(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def _moments(layer: nn.Module, xs: torch.Tensor, xt: torch.Tensor, chunk: int) -> list[torch.Tensor] | None:
     """``[x_s^T x_s, x_s^T x_t, x_t^T x_t]`` per group of ``layer``'s input rows (``xs`` in the
     student, ``xt`` in the teacher, on the same images); None where the images give fewer than
@@ -226,7 +222,7 @@ def reconstruct_pruned_layers(student: nn.Module, teacher: nn.Module, images: to
         layer.weight.copy_(_refit(reference.weight, layer.weight != 0, *moments[:2], damping))
         return _relative_error(layer.weight, reference.weight, *moments)
 
-    return _reconstruct(student, teacher, images, _layers(student), fit, chunk)
+    return _reconstruct(student, teacher, images, list(compression.weight_layers(student)), fit, chunk)
 
 
 
@@ -252,7 +248,7 @@ def reconstruct_quantized_layers(student: nn.Module, teacher: nn.Module, images:
         layer.weight.copy_(_round_with_compensation(best, moments[0], damping, quantize))
         return _relative_error(quantize(layer.weight), reference.weight, *moments)
 
-    layers = [name for name in _layers(student) if student.get_submodule(name) in quantizer_of]
+    layers = [name for name in compression.weight_layers(student) if student.get_submodule(name) in quantizer_of]
     return _reconstruct(student, teacher, images, layers, fit, chunk)
 
 
