@@ -24,7 +24,7 @@
 3. **Fresh machine** (``--fresh``). ``python app.py`` with its default families, no Hub
    (``HF_HUB_OFFLINE=1``, empty ``HF_HOME``), no zoo, no torchvision weights (empty ``TORCH_HOME``,
    pip's cache off), a fresh cache and a fresh NNCF extension dir: it fetches the MobileNetV2
-   weights, derives what the first page serves (FP32 and INT8 of ``mobilenetv2-imagenet``, or
+   weights, derives what the first page serves (FP32 and ``int8-ptq`` of ``mobilenetv2-imagenet``, or
    ``--serve-after``), serves, and builds the rest in the background. Measured: seconds to the
    page, to the first Explain answer on a photo (the target: at most 3 minutes on 2 cores, with
    FP32 and INT8 columns) and FP32's top-1 there, then when each family built in the background
@@ -33,7 +33,7 @@
 Usage:
     python bench/bench_app.py --zoo zoo/resnet18-shapes [--families resnet18-shapes resnet50-imagenet]
                               [--repeats 5] [--startup]
-    python bench/bench_app.py --families --fresh [--serve-after fp32,int8] [--build-steps N] [--fresh-timeout S]
+    python bench/bench_app.py --families --fresh [--serve-after fp32,int8-ptq] [--build-steps N] [--fresh-timeout S]
 """
 
 from __future__ import annotations

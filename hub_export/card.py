@@ -110,7 +110,8 @@ def _what(config: dict) -> str:
     if config["kind"] == "quantized":
         refit = (", every layer's weights then refitted to FP32's outputs on calibration images and rounded onto "
                  "their grid with GPTQ's error compensation" if comp.get("reconstruction") else "")
-        then = (", then quantization-aware fine-tuning" if comp.get("qat_steps", 1)
+        tuned = "distillation from FP32's outputs" if comp.get("distillation") else "quantization-aware fine-tuning"
+        then = (f", then {tuned}" if comp.get("qat_steps", 1)
                 else ", no fine-tuning" if refit else " only, no fine-tuning")
         return f"{_widths(comp)}, quantized with NNCF (calibration{refit}{then})"
     target = comp.get("target_sparsity")

@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
                         f"(env {DEVICE_ENV})")
     p.add_argument("--serve-after", default=os.environ.get("SURGERY_SERVE_AFTER"),
                    help="when the zoo is built here, the variants trained before the page is served; the rest "
-                        "trains in the background (env SURGERY_SERVE_AFTER; default fp32, and fp32,int8 for a "
+                        "trains in the background (env SURGERY_SERVE_AFTER; default fp32, and fp32,int8-ptq for a "
                         "family whose FP32 is pretrained)")
     p.add_argument("--ladder", action="store_true", default=os.environ.get("SURGERY_LADDER", "") not in ("", "0"),
                    help="when the zoo is built here, also train the whole compression ladder in the background "

@@ -3,7 +3,7 @@
 For each family the Space shows, :func:`resolve` tries, in order:
 
 1. the Hugging Face Hub: repos ``ORG/<family>-<variant>`` (``--hub-org`` / ``SURGERY_HUB_ORG``)
-   for every name of :func:`hub_candidates` (the default zoo, the ladder, two seed controls and
+   for every name of :func:`hub_candidates` (the default zoo, ``int8-ptq``, the ladder, two seed controls and
    another recipe's FP32), pulled with :func:`surgery.load_variant`; those that exist are kept;
 2. a local zoo under ``--zoo`` / ``SURGERY_ZOO``: ``ZOO/<family>/fp32`` (or ``ZOO/fp32`` itself,
    as ``python -m training zoo --out ZOO`` writes it), with every variant directory beside it;
@@ -61,16 +61,18 @@ RECIPE_CONTROL = "fp32-recipe1"  # a pretrained family's other training run (tor
 # for FP32 alone: on a fresh 2-core machine (README) the shapes fp32 and int8 trained in 200-233 s and
 # 74-82 s, so with int8 the first answer came at 347 s in one run and would have come after 6
 # minutes in another. A pretrained FP32 (torchvision's weights as they are) costs nothing, so INT8
-# is derived first and the first page compares the two. ``--serve-after`` sets it for every family.
+# is derived first and the first page compares the two: INT8's calibration alone (``int8-ptq``, about
+# a minute), since its recipe's distillation takes minutes more (``int8`` follows in the background).
+# ``--serve-after`` sets it for every family.
 SERVE_AFTER = ("fp32",)
-SERVE_AFTER_PRETRAINED = ("fp32", "int8")
+SERVE_AFTER_PRETRAINED = ("fp32", "int8-ptq")
 BUILD_MARKER = ".space-build.json"  # in a zoo this app builds: what it set out to build
 SOURCES = ("auto", "hub", "local")
 
 
 def hub_candidates() -> list[str]:
-    """The variant names tried on the Hub, in display order."""
-    return sort_variants(dict.fromkeys((*DEFAULT_ZOO, *LADDER, *SEED_CONTROLS, RECIPE_CONTROL)))
+    """The variant names tried on the Hub, in display order (a pretrained family's first page among them)."""
+    return sort_variants(dict.fromkeys((*DEFAULT_ZOO, *SERVE_AFTER_PRETRAINED, *LADDER, *SEED_CONTROLS, RECIPE_CONTROL)))
 
 
 class SourceError(RuntimeError):

@@ -104,7 +104,7 @@ def dose_response(study: Study, table: dict) -> dict:
     levels = {"quantized": [], "sparse": []}
     for name in study.compressed:
         spec = parse_variant(name)
-        if spec.seed == 0:
+        if spec.seed == 0 and not spec.post_training:  # int8-ptq is int8's starting point, not another level
             levels[spec.kind].append(name)
     out = {}
     for axis, names in levels.items():

@@ -11,6 +11,8 @@ A *variant name* is the directory name in a zoo and the suffix of its Hub repo
 ``w4a8-dw8`` ...   quantized, with the depthwise convolutions (weights and inputs) kept at 8 bits
 ``sparse90-dwdense``  sparse, with the depthwise convolutions left dense (the rest sparser, so
                    that the percentage still holds over all conv and linear weights)
+``int8-ptq`` ...   quantized post-training only: the recipe's calibration and corrections, none of
+                   its fine-tuning (QAT or distillation); after a depthwise suffix (``w4a8-dw8-ptq``)
 ``<any>-seed<k>``  the same, trained (or derived from the FP32 model trained) with seed *k*:
                    ``fp32-seed1`` is the seed control of ``fp32``
 ``fp32-recipe<k>``  an FP32 model from an independent training run with another recipe: for a
@@ -22,7 +24,9 @@ The first convolution and the classifier of a quantized variant stay at 8 bits w
 (as in LSQ, Esser et al. 2020); its checkpoint records the bit width of every quantizer. The
 depthwise suffixes name the one layer kind a network may keep at higher precision or density
 (a depthwise 3x3 kernel has 9 weights a channel: MobileNets lose most there, Nagel et al. 2019);
-the plain variant is the same rung with every layer compressed.
+the plain variant is the same rung with every layer compressed. A post-training variant is the
+fine-tuned one's starting point: it takes seconds where the fine-tuning takes minutes, and set beside
+it, shows what the fine-tuning changed.
 
 Example:
     >>> spec = parse_variant("w4a8")
@@ -46,7 +50,7 @@ LADDER = ("int8", "w4a8", "int4", "int3", "int2", "sparse50", "sparse75", "spars
 DEFAULT_COLUMNS = ("fp32", "int8", "int4", "sparse90")
 
 _PATTERN = re.compile(r"^(?:(?P<fp32>fp32)|int(?P<bits>\d)|w(?P<wbits>\d)a(?P<abits>\d)|sparse(?P<percent>\d{1,2}))"
-                      r"(?:-(?P<depthwise>dw8|dwdense))?(?:-seed(?P<seed>\d+))?$")
+                      r"(?:-(?P<depthwise>dw8|dwdense))?(?P<ptq>-ptq)?(?:-seed(?P<seed>\d+))?$")
 # The depthwise suffix each kind takes: quantized variants keep depthwise convolutions at 8 bits,
 # sparse ones keep them dense.
 DEPTHWISE_SUFFIX = {"quantized": "dw8", "sparse": "dwdense"}
@@ -65,6 +69,7 @@ class VariantSpec:
     sparsity: float | None = None  # the target fraction of zero weights
     keep_depthwise: bool = False  # depthwise convolutions at 8 bits (quantized) or dense (sparse)
     recipe: int = 0  # k of fp32-recipe<k>: another training run than the family's own
+    post_training: bool = False  # quantized by calibration and corrections alone, not fine-tuned
 
     @property
     def base(self) -> str:
@@ -89,7 +94,7 @@ class VariantSpec:
     @property
     def title(self) -> str:
         """How a page names it: ``FP32``, ``INT4 (W4A4)``, ``W4A8``, ``95% sparse``, ``FP32, seed 1``,
-        ``FP32, another recipe``."""
+        ``FP32, another recipe``, ``INT8 (W8A8), post-training``."""
         if self.recipe:
             return "FP32, another recipe" + (f" ({self.recipe})" if self.recipe > 1 else "")
         if self.kind == "fp32":
@@ -101,15 +106,18 @@ class VariantSpec:
             text = f"{self.sparsity * 100:g}% sparse"
         if self.keep_depthwise:
             text += ", depthwise 8-bit" if self.kind == "quantized" else ", depthwise dense"
+        if self.post_training:
+            text += ", post-training"
         return f"{text}, seed {self.seed}" if self.seed else text
 
     @property
     def order(self) -> tuple:
-        """FP32, then quantized from most to fewest bits, then sparse from least to most, then seeds."""
+        """FP32, then quantized from most to fewest bits (each fine-tuned before post-training), then
+        sparse from least to most, then seeds."""
         rank = KINDS.index(self.kind)
         level = ((-(self.weight_bits or 0), -(self.activation_bits or 0)) if self.kind == "quantized"
                  else (self.sparsity or 0.0, 0))
-        return (self.seed, self.recipe, rank, *level, self.keep_depthwise)
+        return (self.seed, self.recipe, rank, *level, self.keep_depthwise, self.post_training)
 
 
 def parse_variant(name: str) -> VariantSpec:
@@ -121,13 +129,15 @@ def parse_variant(name: str) -> VariantSpec:
     if match is None:
         raise ValueError(f"not a variant name: {name!r}; expected fp32, int<b>, w<b>a<b> (b in {MIN_BITS}..{MAX_BITS}) "
                          "or sparse<percent>, optionally followed by -dw8 (quantized) or -dwdense (sparse), "
-                         "then -seed<k>; or fp32-recipe<k>")
+                         "then -ptq (quantized), then -seed<k>; or fp32-recipe<k>")
     seed = int(match["seed"] or 0)
     kind = "fp32" if match["fp32"] else ("sparse" if match["percent"] else "quantized")
     keep = match["depthwise"] is not None
     if keep and match["depthwise"] != DEPTHWISE_SUFFIX.get(kind):
         raise ValueError(f"{name!r}: -{match['depthwise']} does not apply to a {kind} variant"
                          + (f"; use -{DEPTHWISE_SUFFIX[kind]}" if kind in DEPTHWISE_SUFFIX else ""))
+    if match["ptq"] and kind != "quantized":
+        raise ValueError(f"{name!r}: -ptq (post-training quantization only) applies to quantized variants")
     if kind == "fp32":
         return VariantSpec(name, "fp32", seed)
     if kind == "sparse":
@@ -143,7 +153,7 @@ def parse_variant(name: str) -> VariantSpec:
     if keep and weight_bits == activation_bits == MAX_BITS:
         raise ValueError(f"{name!r}: every layer is at 8 bits already; -dw8 needs fewer bits")
     return VariantSpec(name, "quantized", seed, weight_bits=weight_bits, activation_bits=activation_bits,
-                       keep_depthwise=keep)
+                       keep_depthwise=keep, post_training=bool(match["ptq"]))
 
 
 def quantized_name(weight_bits: int, activation_bits: int | None = None, seed: int = 0) -> str:

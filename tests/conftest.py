@@ -213,10 +213,11 @@ IMAGENET_STAND_IN_ARGS = ["--max-steps", "1", "--workers", "0", "--train-samples
 
 @pytest.fixture(scope="session")
 def mobilenet_imagenet_zoo(mobilenet_weights, imagenet_stand_in, tmp_path_factory) -> Path:
-    """fp32 (torchvision's weights as they are) and int8 (one step) of mobilenetv2-imagenet, through the CLI."""
+    """fp32 (torchvision's weights as they are), int8 (one step) and int8-ptq of mobilenetv2-imagenet,
+    through the CLI."""
     return _mobilenet_zoo(tmp_path_factory, "SURGERY_TEST_IMAGENET_ZOO", "mobilenet_imagenet_zoo",
                           "mobilenetv2-imagenet",
-                          ["--variants", "fp32,int8", "--data-root", str(imagenet_stand_in), *IMAGENET_STAND_IN_ARGS])
+                          ["--variants", "fp32,int8,int8-ptq", "--data-root", str(imagenet_stand_in), *IMAGENET_STAND_IN_ARGS])
 
 
 @pytest.fixture(scope="session")

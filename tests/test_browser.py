@@ -19,6 +19,7 @@ from ci import chromium_missing, playwright_missing, require
 from conftest import close_app
 from chromium import ARTIFACTS, launch
 from space.examples import PHOTOS, photo_path
+from space.zoo_source import SERVE_AFTER_PRETRAINED
 from surgery.variants import parse_variant
 
 DEFAULT = ("fp32", "int8", "sparse90")  # the tiny zoo's default columns (it has no int4)
@@ -116,10 +117,14 @@ def test_the_page_requests_nothing_outside_the_machine(page):
 
 @pytest.fixture(scope="module")
 def first_page(mobilenet_imagenet_zoo, tmp_path_factory):
-    """The Space's first family, mobilenetv2-imagenet (FP32 and INT8), served in-process."""
+    """The Space's first family, mobilenetv2-imagenet, served in-process with what a fresh machine's
+    first page has: FP32 and INT8's calibration (``SERVE_AFTER_PRETRAINED``)."""
     from space.app import create_app
 
-    demo, launch_options = create_app(["--zoo", str(mobilenet_imagenet_zoo), "--source", "local",
+    zoo = tmp_path_factory.mktemp("first-page-zoo")
+    for name in SERVE_AFTER_PRETRAINED:
+        (zoo / name).symlink_to((mobilenet_imagenet_zoo / name).resolve(), target_is_directory=True)
+    demo, launch_options = create_app(["--zoo", str(zoo), "--source", "local",
                                        "--families", "mobilenetv2-imagenet", "--feature-steps", "8",
                                        "--cache-dir", str(tmp_path_factory.mktemp("first-page-cache"))])
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options)
@@ -127,7 +132,7 @@ def first_page(mobilenet_imagenet_zoo, tmp_path_factory):
     close_app(demo)
 
 
-@pytest.mark.e2e  # the pretrained family's first page: FP32 and INT8 derived from photos
+@pytest.mark.e2e  # the pretrained family's first page: FP32 and INT8 calibrated on photos
 def test_a_photo_of_a_cat_is_a_cat_to_fp32_on_the_first_page(first_page, browser):
     cat = photo_path(next(p for p in PHOTOS if p.file == "chelsea.png"))
     assert cat.name in {Path(e[0]["path"]).name for c in first_page.config["components"]
@@ -137,13 +142,15 @@ def test_a_photo_of_a_cat_is_a_cat_to_fp32_on_the_first_page(first_page, browser
         page.goto(first_page.local_url)
         page.wait_for_selector("#explain-image", timeout=60_000)
         picker = page.locator("#explain-variants")
-        assert all(picker.get_by_label(t, exact=True).is_checked() for t in ("FP32", "INT8 (W8A8)"))
+        titles = [parse_variant(v).title for v in SERVE_AFTER_PRETRAINED]
+        assert titles == ["FP32", "INT8 (W8A8), post-training"]
+        assert all(picker.get_by_label(t, exact=True).is_checked() for t in titles)
         page.set_input_files("#explain-image input[type=file]", str(cat))
         page.wait_for_selector("#explain-image img", timeout=30_000)
         page.click("#explain-button")
         fp32, int8 = page.locator("#column-0"), page.locator("#column-1")
         fp32.get_by_text("FP32", exact=True).wait_for(timeout=120_000)
-        int8.get_by_text("INT8 (W8A8)", exact=True).wait_for(timeout=120_000)
+        int8.get_by_text(titles[1], exact=True).wait_for(timeout=120_000)
         top1 = fp32.get_by_test_id("label-output-value")
         top1.wait_for(timeout=120_000)
         assert top1.inner_text().strip() in CATS, top1.inner_text()

@@ -25,10 +25,10 @@ LATER = "mobilenetv2-shapes"
 TIMEOUT = 900
 
 
-def test_the_first_page_is_the_pretrained_mobilenet_with_fp32_and_int8():
+def test_the_first_page_is_the_pretrained_mobilenet_with_fp32_and_int8s_calibration():
     assert DEFAULT_FAMILIES[0] == "mobilenetv2-imagenet"
     assert DEFAULT_BUILD == ("mobilenetv2-imagenet", "resnet18-shapes", "resnet18-fashionmnist")
-    assert BuildOptions().first("mobilenetv2-imagenet") == ("fp32", "int8")
+    assert BuildOptions().first("mobilenetv2-imagenet") == ("fp32", "int8-ptq")
     assert BuildOptions().first("resnet18-shapes") == ("fp32",)
     assert BuildOptions(serve_after=("fp32",)).first("mobilenetv2-imagenet") == ("fp32",)
     assert offline_available("resnet18-shapes") and offline_available(LATER)

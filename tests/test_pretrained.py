@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 from nncf.torch.quantization.layers import AsymmetricQuantizer, SymmetricQuantizer
@@ -26,7 +27,8 @@ from study.__main__ import main as study_main
 from surgery import compression
 from surgery.checkpoint import load_local, read_config
 from surgery.registry import get_family
-from surgery.variants import parse_variant
+from surgery.variants import parse_variant, sort_variants
+from training.cli import Settings, _override
 from training.cli import main as training_main
 
 FAMILY = "mobilenetv2-imagenet"
@@ -44,7 +46,8 @@ def test_seed_controls_are_refused_at_once_naming_the_other_recipe(tmp_path, cap
     assert time.perf_counter() - started < 5  # before any data or model is touched
     assert "has no FP32 seeds" in caplog.text and "fp32-seed1" in caplog.text
     assert "fp32-recipe1 (torchvision's IMAGENET1K_V2, another recipe)" in caplog.text
-    assert BuildOptions().plan(FAMILY) == ["fp32", "int8", "sparse90"]  # the Space plans no seed control either
+    # The Space plans no seed control either; INT8's calibration alone comes first (the first page).
+    assert BuildOptions().plan(FAMILY) == ["fp32", "int8-ptq", "int8", "sparse90"]
 
 
 def test_another_recipe_offline_is_one_message_naming_torchvisions_download(imagenet_stand_in, tmp_path, monkeypatch,
@@ -80,6 +83,29 @@ def test_int8_activations_have_zero_points_as_the_config_and_the_card_say(mobile
         model_card(config, f"org/{FAMILY}-int8"))
 
 
+def test_post_training_variants_are_named_ordered_and_refused_where_they_do_not_apply():
+    spec = parse_variant("w4a8-dw8-ptq-seed1")
+    assert spec.post_training and spec.keep_depthwise and spec.seed == 1 and spec.base == "w4a8-dw8-ptq"
+    assert parse_variant("int8-ptq").title == "INT8 (W8A8), post-training" and not parse_variant("int8").post_training
+    assert sort_variants(["int8-ptq", "w4a8", "int8", "fp32"]) == ["fp32", "int8", "int8-ptq", "w4a8"]
+    for bad in ("sparse50-ptq", "fp32-ptq", "int8-ptq-dw8"):
+        with pytest.raises(ValueError, match="ptq|not a variant name"):
+            parse_variant(bad)
+
+
+def test_int8_ptq_is_int8s_calibration_alone_whatever_the_epochs_asked(mobilenet_imagenet_zoo):
+    c = get_family(FAMILY).compression
+    assert c.for_variant(parse_variant("int8")).epochs > 0  # the family's INT8 is distilled after calibrating
+    assert c.for_variant(parse_variant("int8-ptq")).epochs == 0
+    assert _override(c.for_variant(parse_variant("int8-ptq")), Settings(epochs=3), fine_tunes=False).epochs == 0
+    ptq, tuned = (read_config(mobilenet_imagenet_zoo / v)["compression"] for v in ("int8-ptq", "int8"))
+    assert ptq["qat_steps"] == 0 and "distillation" not in ptq["method"] and "distillation" not in ptq
+    assert tuned["qat_steps"] > 0 and tuned["method"] == ptq["method"] + " + distillation from FP32"
+    assert ptq["weight_bits"] == ptq["activation_bits"] == 8 and ptq["activation_quantizers"] == "asymmetric"
+    cards = [str(model_card(read_config(mobilenet_imagenet_zoo / v), f"org/{FAMILY}-{v}")) for v in ("int8-ptq", "int8")]
+    assert "(calibration only, no fine-tuning)" in cards[0] and "then distillation from FP32's outputs)" in cards[1]
+
+
 def test_the_study_says_there_is_no_null_and_claims_nothing(mobilenet_imagenet_zoo, imagenet_stand_in, tmp_path):
     assert study_main(["--zoo", str(mobilenet_imagenet_zoo), "--out", str(tmp_path),
                        "--data-root", str(imagenet_stand_in), "--images", "8", "--batch-size", "4", "--groups", "2",
@@ -89,6 +115,9 @@ def test_the_study_says_there_is_no_null_and_claims_nothing(mobilenet_imagenet_z
     verdicts = [row["verdict"] for entry in metrics["metrics"].values() for row in entry["variants"].values()
                 if "verdict" in row]
     assert verdicts and all(v["null"] == 0 and not v["worse"] and v["side"] is None for v in verdicts)
+    # int8-ptq is compared like any variant, and is int8's starting point rather than a level of the axis.
+    assert all("int8-ptq" in entry["variants"] for entry in metrics["metrics"].values())
+    assert metrics["dose_response"]["quantized"]["levels"] == ["int8"]
     assert NO_CLAIM in (tmp_path / "report.html").read_text()
     tab = load_study(tmp_path, list(get_family(FAMILY).class_names))  # the Space's Study tab
     assert NO_CLAIM in tab.reading and "worse than" not in tab.reading

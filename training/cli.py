@@ -149,9 +149,11 @@ def _job(family: ModelFamily, s: Settings, ctx: distributed.Context, train: bool
     return Job(family, train_set, eval_set, ctx, seed=s.seed, workers=workers)
 
 
-def _override(recipe: Recipe, s: Settings) -> Recipe:
+def _override(recipe: Recipe, s: Settings, fine_tunes: bool = True) -> Recipe:
+    """The recipe with the command line's settings; a variant that is not fine-tuned keeps its 0 epochs."""
     steps = min(filter(None, (recipe.steps_per_epoch, s.max_steps)), default=None)
-    return recipe.with_overrides(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, steps_per_epoch=steps)
+    return recipe.with_overrides(epochs=s.epochs if fine_tunes else None, lr=s.lr, batch_size=s.batch_size,
+                                 steps_per_epoch=steps)
 
 
 def _reference(job: Job, model: torch.nn.Module) -> torch.Tensor:
@@ -168,7 +170,7 @@ def derive(job: Job, spec: VariantSpec, fp32: torch.nn.Module, reference: torch.
            s: Settings, calibration_samples: int | None = None) -> dict:
     """Derive the compressed variant ``spec`` from ``fp32`` with the family's recipe for it."""
     c = job.family.compression
-    recipe = _override(c.for_variant(spec), s)
+    recipe = _override(c.for_variant(spec), s, fine_tunes=not spec.post_training)
     if spec.kind == "quantized":
         _, metrics = derive_quantized(job, fp32, recipe, spec, calibration_samples or c.calibration_samples,
                                       out, reference, activation_ranges=c.activation_ranges,
