@@ -74,12 +74,17 @@ def test_the_imagenet_zoo_builds_the_ladder_and_the_plain_variant_beside_each_ex
         spec = parse_variant(name)
         if spec.keep_depthwise:
             assert name.removesuffix(f"-{DEPTHWISE_SUFFIX[spec.kind]}") in names, name
+        if spec.post_training:  # beside the fine-tuned variant it starts
+            assert name.removesuffix("-ptq") in names, name
     # Sparse variants: small layers spared, the rest refitted layer by layer instead of fine-tuned;
-    # below 8 bits every layer refitted and rounded, INT8 by calibration alone (the first page's).
-    recipe = {name: family.compression.for_variant(parse_variant(name)) for name in ("int8", "w4a8", "sparse50")}
+    # below 8 bits every layer refitted and rounded; INT8 calibrated, then distilled (int8-ptq, the
+    # first page's, is its calibration alone).
+    recipe = {name: family.compression.for_variant(parse_variant(name))
+              for name in ("int8", "int8-ptq", "w4a8", "sparse50")}
     assert family.compression.dense_below and recipe["sparse50"].reconstruction_samples
     assert recipe["w4a8"].reconstruction_samples and not recipe["int8"].reconstruction_samples
-    assert all(r.epochs == 0 for r in recipe.values())
+    assert recipe["int8"].epochs and recipe["int8"].distill_temperature and "int8-ptq" in names
+    assert all(recipe[name].epochs == 0 for name in ("int8-ptq", "w4a8", "sparse50"))
 
 
 def test_a_w4a8_variant_is_calibrated_refitted_matched_to_fp32_saved_and_read_back_at_its_bit_widths(
