@@ -15,8 +15,13 @@ ranked with the synthetic images' KL (Spearman 0.63) and not with the photo crop
 (-0.09), so the rule this prints is: the lowest synthetic KL wins, and a candidate replaces the
 first ZOO (the current recipe) only where it is lower by more than two paired standard errors.
 
+The rule's false-switch rate is measured on the candidates' own images: the per-image KL differences
+from the current recipe, each candidate's centred on 0 (no candidate better), resampled over images
+with replacement (one draw of images for all candidates, which keeps their correlation), and the rule
+applied to each draw; ``--null-draws`` draws, printed with its binomial standard error.
+
 Usage:
-    python bench/bench_recipes.py ZOO [ZOO ...] --variant sparse50 [--synthetic 64] [--cache DIR]
+    python bench/bench_recipes.py ZOO [ZOO ...] --variant sparse50 [--synthetic 64] [--cache DIR] [--null-draws N]
 """
 
 from __future__ import annotations
@@ -44,6 +49,25 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Te
         return torch.cat([model.eval()(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def choose(differences: torch.Tensor) -> int | None:
+    """The rule on ``[candidates, images]`` KL differences from the current recipe: the index of the
+    candidate that replaces it (the lowest mean, lower by more than two paired standard errors), or None."""
+    means = differences.mean(1)
+    best = int(means.argmin())
+    se = float(differences[best].std() / differences.shape[1] ** 0.5)
+    return best if float(means[best]) < -2 * se else None
+
+
+def false_switch_rate(differences: torch.Tensor, draws: int, seed: int = 0) -> float:
+    """How often :func:`choose` replaces the current recipe when no candidate is better: the
+    differences centred per candidate, images resampled with replacement (see the module docstring)."""
+    null = differences - differences.mean(1, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    n = null.shape[1]
+    switches = sum(choose(null[:, torch.randint(n, (n,), generator=generator)]) is not None for _ in range(draws))
+    return switches / draws
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("zoos", type=Path, nargs="+", help="one zoo per candidate recipe; the first is the current")
@@ -52,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=160, help="side the synthetic images are generated at")
     parser.add_argument("--seed", type=int, default=1, help="their seed (the zoo's refit draws seed 0)")
     parser.add_argument("--cache", type=Path, help="where they are cached (default: the first zoo's .synthetic)")
+    parser.add_argument("--null-draws", type=int, default=2000, help="resamples measuring the rule's false-switch rate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     missing = [str(zoo) for zoo in args.zoos if not (zoo / "fp32" / CONFIG_FILE).is_file()
@@ -81,17 +106,21 @@ def main(argv: list[str] | None = None) -> dict:
           f"(seed {args.seed}, {args.size} px)")
     print("| candidate | photo agreement | photo KL | synthetic agreement | synthetic KL | vs current (paired SE) |")
     print("|---|---|---|---|---|---|")
-    best = min(args.zoos, key=lambda z: float(kl[z].mean()))
     for zoo, row in rows.items():
         difference = kl[zoo] - current
         se = float(difference.std() / len(difference) ** 0.5)
         print(f"| {zoo} | {100 * row['photos'][0]:.1f}% | {row['photos'][1]:.3f} | {100 * row['synthetic'][0]:.1f}% "
               f"| {row['synthetic'][1]:.3f} | {float(difference.mean()):+.3f} ({se:.3f}) |")
-    gap = kl[best] - current
-    replaces = best != args.zoos[0] and float(gap.mean()) < -2 * float(gap.std() / len(gap) ** 0.5)
-    print(f"lowest synthetic KL: {best}; " + ("it replaces the current recipe" if replaces
-                                               else "the current recipe stays (no lower by two paired SEs)"))
-    return {"rows": {str(z): r for z, r in rows.items()}, "best": str(best), "replaces": replaces}
+    candidates = args.zoos[1:]
+    differences = torch.stack([kl[zoo] - current for zoo in candidates]) if candidates else None
+    chosen = choose(differences) if candidates else None
+    print("the current recipe stays (no candidate lower by two paired SEs)" if chosen is None
+          else f"{candidates[chosen]} replaces the current recipe")
+    rate = false_switch_rate(differences, args.null_draws) if candidates else 0.0
+    print(f"the rule's false-switch rate with {len(candidates)} candidate(s), none better (centred bootstrap, "
+          f"{args.null_draws} draws): {100 * rate:.1f}% (SE {100 * (rate * (1 - rate) / args.null_draws) ** 0.5:.1f})")
+    return {"rows": {str(z): r for z, r in rows.items()},
+            "replaces": None if chosen is None else str(candidates[chosen]), "false_switch_rate": rate}
 
 
 if __name__ == "__main__":
