@@ -49,13 +49,17 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Te
         return torch.cat([model.eval()(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
+def paired_se(difference: torch.Tensor) -> float:
+    """Standard error of the mean of per-image differences."""
+    return float(difference.std() / len(difference) ** 0.5)
+
+
 def choose(differences: torch.Tensor) -> int | None:
     """The rule on ``[candidates, images]`` KL differences from the current recipe: the index of the
     candidate that replaces it (the lowest mean, lower by more than two paired standard errors), or None."""
     means = differences.mean(1)
     best = int(means.argmin())
-    se = float(differences[best].std() / differences.shape[1] ** 0.5)
-    return best if float(means[best]) < -2 * se else None
+    return best if float(means[best]) < -2 * paired_se(differences[best]) else None
 
 
 def false_switch_rate(differences: torch.Tensor, draws: int, seed: int = 0) -> float:
@@ -108,15 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|---|")
     for zoo, row in rows.items():
         difference = kl[zoo] - current
-        se = float(difference.std() / len(difference) ** 0.5)
         print(f"| {zoo} | {100 * row['photos'][0]:.1f}% | {row['photos'][1]:.3f} | {100 * row['synthetic'][0]:.1f}% "
-              f"| {row['synthetic'][1]:.3f} | {float(difference.mean()):+.3f} ({se:.3f}) |")
+              f"| {row['synthetic'][1]:.3f} | {float(difference.mean()):+.3f} ({paired_se(difference):.3f}) |")
     candidates = args.zoos[1:]
-    differences = torch.stack([kl[zoo] - current for zoo in candidates]) if candidates else None
-    chosen = choose(differences) if candidates else None
+    chosen, rate = None, 0.0
+    if candidates:
+        differences = torch.stack([kl[zoo] - current for zoo in candidates])
+        chosen, rate = choose(differences), false_switch_rate(differences, args.null_draws)
     print("the current recipe stays (no candidate lower by two paired SEs)" if chosen is None
           else f"{candidates[chosen]} replaces the current recipe")
-    rate = false_switch_rate(differences, args.null_draws) if candidates else 0.0
     print(f"the rule's false-switch rate with {len(candidates)} candidate(s), none better (centred bootstrap, "
           f"{args.null_draws} draws): {100 * rate:.1f}% (SE {100 * (rate * (1 - rate) / args.null_draws) ** 0.5:.1f})")
     return {"rows": {str(z): r for z, r in rows.items()},
